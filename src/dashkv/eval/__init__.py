@@ -1,0 +1,1 @@
+"""Evaluation suites of DASH-KV (LongBench: :mod:`dashkv.eval.longbench`, :mod:`dashkv.eval.metrics`)."""

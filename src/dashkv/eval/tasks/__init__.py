@@ -1,0 +1,1 @@
+"""Long-context tasks. Each builds prompts in one fixed format, used unchanged for every method."""

@@ -1,0 +1,930 @@
+"""Fast CPU backend of the DASH-KV kernels: numba, multi-threaded, same signatures as
+:mod:`dashkv.ops.reference` (the spec; integers equal exactly, floats within rounding).
+
+Why numba: every step of the decode kernel is a data-dependent scan over ``S`` keys (popcount,
+histogram, tie-breaking rank, gather of the selected rows) that torch can only express densely
+(``[B, H, T, S, W]`` XORs, ``flip + cumsum`` ranks, ``-inf``-masked dense ``q @ K^T``). Compiled
+loops touch each key code once per pass and read K/V rows only for the keys that count.
+
+Work split: the key axis is cut into chunks of :data:`CHUNK` keys and one task is a
+``(batch, KV head, chunk)`` triple (or ``(row, chunk)`` where rows are independent), run with
+``prange``. A task loops over the ``H / Hkv`` query heads and ``T`` query tokens that share its KV
+head, so the K/V rows of a chunk are fetched from memory once and reused from cache by the whole GQA
+group. Chunking also balances 9 or 12 heads over 2 cores, which a head-per-thread split cannot.
+
+Selection is exact and sort-free: distances are integers in ``[lo, hi]`` so a per-(row, chunk)
+histogram gives each row's threshold (the reference's ``kth_smallest``), and per-chunk counts of
+keys tied at the threshold give every chunk its starting tie rank, so chunks decide their ties
+(later positions first) independently.
+
+Attention is split-softmax (flash-decoding): each (row, chunk) keeps ``max``, ``sum exp`` and an
+unnormalised ``sum exp * v`` in fp32 over its high and mid keys only; a merge step combines chunks.
+K is read for high keys only and V for high and mid keys only; mid logits are computed only where
+the tier is mid, from a cosine table and per-head byte tables of the residual bit weights.
+
+:func:`dash_attention` fuses distances, tiers and attention: it never materialises a dense
+``[B, H, T, S]`` tensor (distances are recomputed from the codes in the second pass, the popcount
+being cheaper than a round trip through memory) unless probabilities or tiers are asked for.
+
+Threads: numba's own pool (``numba.set_num_threads``; ``NUMBA_NUM_THREADS``), independent of
+``torch.set_num_threads``. All kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from dashkv.ops.reference import (
+    HIDDEN,
+    HIGH,
+    LOW,
+    MID,
+    MidTierInputs,
+    budget_counts,
+    expand_kv,
+)
+
+__all__ = [
+    "CHUNK",
+    "HIDDEN",
+    "HIGH",
+    "LOW",
+    "MID",
+    "MidTierInputs",
+    "assign_tiers",
+    "budget_counts",
+    "dash_attention",
+    "expand_kv",
+    "hamming_distance",
+    "kth_smallest",
+    "select_smallest",
+    "tiered_attention",
+]
+
+CHUNK = 2048
+"""Keys per task. A chunk's K/V rows (about 1 MiB at D = 128 in fp32) stay in L2 for the GQA group."""
+
+_FASTMATH = {"reassoc", "contract"}  # vectorised dot products; no nnan/ninf: -inf and NaN are meaningful
+_JIT = dict(cache=True, nogil=True)
+_PJIT = dict(parallel=True, cache=True, nogil=True)
+
+
+# ----------------------------------------------------------------------------------- intrinsics
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """``llvm.ctpop`` of an int64 word (one ``popcnt`` instruction)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.int64(x), codegen
+
+
+@intrinsic
+def _bits_as_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        width = value.type.width
+        if width > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif width < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+def _f32(x):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(_f32)
+def _f32_overload(x):
+    """Load one element as float32: floats cast; ``uint16`` holds bfloat16 bits, ``int16`` float16 bits."""
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    if x == types.uint16:
+
+        def bf16(x):
+            return _bits_as_f32(np.uint32(x) << 16)
+
+        return bf16
+    if x == types.int16:
+
+        def f16(x):
+            h = np.int64(x) & 0xFFFF
+            o = (h & 0x7FFF) << 13
+            f = _bits_as_f32(o) * np.float32(5.192296858534828e33)  # 2 ** 112: rebias, subnormals too
+            if (h & 0x7C00) == 0x7C00:
+                f = _bits_as_f32(o | 0x7F800000)  # inf / nan
+            if h & 0x8000:
+                f = -f
+            return f
+
+        return f16
+    return None
+
+
+# -------------------------------------------------------------------------------- small helpers
+
+
+@njit(**_JIT)
+def _mask_row(row, dims):
+    """Row of a broadcast mask for flat row ``(b, h, t)``; ``dims = (H, T, Bm, Hm, Tm)``."""
+    heads, tokens, mb, mh, mt = dims[0], dims[1], dims[2], dims[3], dims[4]
+    t = row % tokens
+    h = (row // tokens) % heads
+    b = row // (tokens * heads)
+    return ((b % mb) * mh + (h % mh)) * mt + (t % mt)
+
+
+@njit(**_JIT)
+def _thresholds(hist, kvals, lo, nb):
+    """Per row threshold (``kth_smallest``), ties still needed, and ties in later chunks.
+
+    ``hist[row, chunk]`` bins: ``0`` raw ``< lo``; ``1 + j`` raw ``== lo + j`` for ``j`` in
+    ``[0, nb]`` (``nb`` is ``hi + 1``); ``nb + 2`` raw ``> hi + 1``; ``nb + 3`` not eligible.
+    """
+    rows, nch, nbe = hist.shape
+    thr = np.empty(rows, np.int64)
+    need = np.empty(rows, np.int64)
+    tie_base = np.empty((rows, nch), np.int64)
+    tot = np.empty(nbe, np.int64)
+    for r in range(rows):
+        tot[:] = 0
+        for c in range(nch):
+            for j in range(nbe):
+                tot[j] += hist[r, c, j]
+        k = kvals[r]
+        cum = 0
+        cnt = 0
+        for j in range(nb):  # the reference's clamped histogram and its cumsum
+            cj = tot[j + 1]
+            if j == 0:
+                cj += tot[0]
+            if j == nb - 1:
+                cj += tot[nb + 1] + tot[nb + 2]
+            cum += cj
+            if cum < k:
+                cnt += 1
+        below = tot[0]
+        for j in range(cnt):
+            below += tot[1 + j]
+        thr[r] = lo + cnt
+        need[r] = k - below
+        acc = 0
+        for c in range(nch - 1, -1, -1):
+            tie_base[r, c] = acc
+            acc += hist[r, c, cnt + 1]
+    return thr, need, tie_base
+
+
+@njit(fastmath=_FASTMATH, **_JIT)
+def _softmax_chunk(n, idx, logit, vals, kvbase, acc, probs, prow, want_probs):
+    """Unnormalised softmax of ``n`` logits: returns ``(max, sum exp)``; ``acc = sum exp * v``."""
+    dim = acc.shape[0]
+    for j in range(dim):
+        acc[j] = 0.0
+    if n == 0:
+        return np.float32(-np.inf), 0.0
+    m = logit[0]
+    for i in range(1, n):
+        if logit[i] > m:
+            m = logit[i]
+    total = 0.0
+    for i in range(n):
+        e = np.float32(math.exp(logit[i] - m))
+        total += e
+        s = idx[i]
+        vrow = kvbase + s
+        for j in range(dim):
+            acc[j] += e * _f32(vals[vrow, j])
+        if want_probs:
+            probs[prow, s] = e
+    return m, total
+
+
+@njit(fastmath=_FASTMATH, **_JIT)
+def _exact_logit(q, qrow, keys, krow, scaling):
+    dot = np.float32(0.0)
+    for j in range(q.shape[1]):
+        dot += q[qrow, j] * _f32(keys[krow, j])
+    return dot * scaling
+
+
+@njit(fastmath=_FASTMATH, **_JIT)
+def _mid_logit(d, x0, x1, words, h, a_row, knorm, qdc_row, bias_h, scaling, costab, bits, tab, sumphi):
+    """Estimated logit: angle estimate from distance ``d`` plus byte-table residual of ``x = q ^ k``."""
+    if 0 <= d <= bits:
+        cos = costab[d]
+    else:
+        cos = np.float32(math.cos(np.float32(math.pi) * np.float32(d) / np.float32(bits)))
+    logit = (qdc_row + a_row * knorm * cos) * scaling + bias_h
+    res = np.float32(0.0)
+    for j in range(8):
+        res += tab[h, j, (x0 >> (8 * j)) & 255]
+    if words > 1:
+        for j in range(8):
+            res += tab[h, 8 + j, (x1 >> (8 * j)) & 255]
+    return logit + (sumphi[h] - np.float32(2.0) * res)
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+
+@njit(**_PJIT)
+def _hamming_kernel(qc, kc, kheads, out, chunk):
+    """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B, H, T, S]`` int32."""
+    nbatch, heads, tokens, words = qc.shape
+    seq = out.shape[3]
+    kbatch = kc.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        c = task % nch
+        kvh = (task // nch) % kheads
+        b = task // (nch * kheads)
+        kbase = ((b % kbatch) * kheads + kvh) * seq
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                if words == 1:
+                    q0 = qc[b, h, t, 0]
+                    for s in range(s0, s1):
+                        out[b, h, t, s] = _popcount(q0 ^ kc[kbase + s, 0])
+                elif words == 2:
+                    q0 = qc[b, h, t, 0]
+                    q1 = qc[b, h, t, 1]
+                    for s in range(s0, s1):
+                        out[b, h, t, s] = _popcount(q0 ^ kc[kbase + s, 0]) + _popcount(q1 ^ kc[kbase + s, 1])
+                else:
+                    for s in range(s0, s1):
+                        acc = 0
+                        for w in range(words):
+                            acc += _popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
+                        out[b, h, t, s] = acc
+    return out
+
+
+@njit(**_PJIT)
+def _hist_kernel(dist, elig, edims, lo, nb, chunk):
+    """Per (row, chunk) histogram of eligible raw distances (bin layout: see :func:`_thresholds`)."""
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    nbe = nb + 4
+    hist = np.zeros((rows, nch, nbe), np.int64)
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        er = _mask_row(r, edims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        loc = np.zeros((4, nbe), np.int64)  # 4 interleaved copies break store-to-load chains
+        for s in range(s0, s1):
+            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), nb + 2)
+            if not elig[er, s]:
+                j = nb + 3
+            loc[s & 3, j] += 1
+        for j in range(nbe):
+            hist[r, c, j] = loc[0, j] + loc[1, j] + loc[2, j] + loc[3, j]
+    return hist
+
+
+@njit(**_PJIT)
+def _select_kernel(dist, elig, edims, thr, need, tie_base, out, chunk):
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        er = _mask_row(r, edims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        t = thr[r]
+        nd = need[r]
+        cnt = tie_base[r, c]
+        for s in range(s1 - 1, s0 - 1, -1):
+            sel = False
+            if elig[er, s]:
+                d = np.int64(dist[r, s])
+                if d < t:
+                    sel = True
+                elif d == t:
+                    cnt += 1
+                    sel = cnt <= nd
+            out[r, s] = sel
+    return out
+
+
+@njit(**_PJIT)
+def _tiers_kernel(dist, vis, vdims, alw, adims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chunk):
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        vr = _mask_row(r, vdims)
+        ar = _mask_row(r, adims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        th = th_h[r]
+        tm = th_m[r]
+        ndh = nd_h[r]
+        ndm = nd_m[r]
+        cnt_h = tb_h[r, c]
+        cnt_m = tb_m[r, c]
+        for s in range(s1 - 1, s0 - 1, -1):
+            if not vis[vr, s]:
+                out[r, s] = HIDDEN
+                continue
+            if alw[ar, s]:
+                out[r, s] = HIGH
+                continue
+            d = np.int64(dist[r, s])
+            tier = LOW
+            if d < tm:
+                tier = MID
+            elif d == tm:
+                cnt_m += 1
+                if cnt_m <= ndm:
+                    tier = MID
+            if d < th:
+                tier = HIGH
+            elif d == th:
+                cnt_h += 1
+                if cnt_h <= ndh:
+                    tier = HIGH
+            out[r, s] = tier
+    return out
+
+
+@njit(**_PJIT)
+def _merge_kernel(m_part, l_part, acc_part, out, factor):
+    """Combine chunk partials: ``out[row] = sum_c w_c acc_c / L``; ``factor[row, c] = w_c / L``."""
+    rows, nch = m_part.shape
+    dim = out.shape[1]
+    for r in prange(rows):
+        top = -np.inf
+        for c in range(nch):
+            if m_part[r, c] > top:
+                top = m_part[r, c]
+        if top == -np.inf:  # nothing selected: softmax of all -inf is NaN, as in torch
+            for j in range(dim):
+                out[r, j] = np.nan
+            for c in range(nch):
+                factor[r, c] = np.nan
+            continue
+        total = 0.0
+        for c in range(nch):
+            w = math.exp(np.float64(m_part[r, c]) - top)
+            factor[r, c] = w
+            total += l_part[r, c] * w
+        for j in range(dim):
+            out[r, j] = 0.0
+        for c in range(nch):
+            w = factor[r, c] / total
+            factor[r, c] = w
+            if w != 0.0:
+                for j in range(dim):
+                    out[r, j] += acc_part[r, c, j] * w
+    return out
+
+
+@njit(**_PJIT)
+def _scale_probs(probs, factor, chunk):
+    rows, seq = probs.shape
+    nch = factor.shape[1]
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        f = np.float32(factor[r, c])
+        for s in range(c * chunk, min(seq, (c + 1) * chunk)):
+            probs[r, s] *= f
+    return probs
+
+
+@njit(fastmath=_FASTMATH, **_PJIT)
+def _attn_tiers_kernel(
+    q, keys, vals, kheads, seq, tiers, scaling,
+    has_mid, mdist, qcodes, kcodes, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
+    m_part, l_part, acc_part, probs, want_probs, chunk,
+):  # fmt: skip
+    """Split-softmax attention over given tiers. ``q [B*H*T, D]`` fp32, ``keys/vals [Bk*Hkv*S, D]``."""
+    nbatch, heads, tokens = qcodes.shape[0], qcodes.shape[1], qcodes.shape[2]
+    kbatch = keys.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    words = kcodes.shape[1]
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        c = task % nch
+        kvh = (task // nch) % kheads
+        b = task // (nch * kheads)
+        kbase = ((b % kbatch) * kheads + kvh) * seq
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        idx = np.empty(s1 - s0, np.int64)
+        logit = np.empty(s1 - s0, np.float32)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                if want_probs:
+                    for s in range(s0, s1):
+                        probs[row, s] = 0.0
+                n = 0
+                a_row = qdc_row = bias_h = np.float32(0.0)
+                q0 = q1 = np.int64(0)
+                if has_mid:
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
+                    bias_h = bias[h]
+                    q0 = qcodes[b, h, t, 0]
+                    q1 = qcodes[b, h, t, 1] if words > 1 else np.int64(0)
+                for s in range(s0, s1):
+                    tier = tiers[row, s]
+                    if tier == HIGH:
+                        logit[n] = _exact_logit(q, row, keys, kbase + s, scaling)
+                        idx[n] = s
+                        n += 1
+                    elif tier == MID and has_mid:
+                        x0 = q0 ^ kcodes[kbase + s, 0]
+                        x1 = (q1 ^ kcodes[kbase + s, 1]) if words > 1 else np.int64(0)
+                        logit[n] = _mid_logit(
+                            np.int64(mdist[row, s]), x0, x1, words, h, a_row, knorm[kbase + s],
+                            qdc_row, bias_h, scaling, costab, bits, tab, sumphi,
+                        )  # fmt: skip
+                        idx[n] = s
+                        n += 1
+                m, total = _softmax_chunk(n, idx, logit, vals, kbase, acc_part[row, c], probs, row, want_probs)
+                m_part[row, c] = m
+                l_part[row, c] = total
+
+
+@njit(**_PJIT)
+def _fused_hist_kernel(qc, kc, kheads, seq, vis, vdims, alw, adims, nb, chunk):
+    """Distances on the fly -> per (row, chunk) histogram of eligible keys (layout of ``_thresholds``)."""
+    nbatch, heads, tokens, words = qc.shape
+    kbatch = kc.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    nbe = nb + 4
+    hist = np.zeros((nbatch * heads * tokens, nch, nbe), np.int64)
+    for task in prange(nbatch * kheads * nch):
+        c = task % nch
+        kvh = (task // nch) % kheads
+        b = task // (nch * kheads)
+        kbase = ((b % kbatch) * kheads + kvh) * seq
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        loc = np.zeros((4, nbe), np.int64)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                vr = _mask_row(row, vdims)
+                ar = _mask_row(row, adims)
+                loc[:, :] = 0
+                q0 = qc[b, h, t, 0]
+                q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
+                for s in range(s0, s1):
+                    d = _popcount(q0 ^ kc[kbase + s, 0])
+                    if words > 1:
+                        d += _popcount(q1 ^ kc[kbase + s, 1])
+                        for w in range(2, words):
+                            d += _popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
+                    j = d + 1 if vis[vr, s] & (alw[ar, s] ^ True) else nb + 3
+                    loc[s & 3, j] += 1
+                for j in range(nbe):
+                    hist[row, c, j] = loc[0, j] + loc[1, j] + loc[2, j] + loc[3, j]
+    return hist
+
+
+@njit(fastmath=_FASTMATH, **_PJIT)
+def _fused_attn_kernel(
+    q, qc, kc, keys, vals, kheads, seq, vis, vdims, alw, adims, scaling,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m,
+    has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
+    m_part, l_part, acc_part, probs, want_probs, tiers, want_tiers, chunk,
+):  # fmt: skip
+    """Tiers from thresholds + split-softmax attention, one pass over the codes of each chunk."""
+    nbatch, heads, tokens, words = qc.shape
+    kbatch = keys.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        c = task % nch
+        kvh = (task // nch) % kheads
+        b = task // (nch * kheads)
+        kbase = ((b % kbatch) * kheads + kvh) * seq
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        idx = np.empty(s1 - s0, np.int64)
+        dd = np.empty(s1 - s0, np.int64)
+        logit = np.empty(s1 - s0, np.float32)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                vr = _mask_row(row, vdims)
+                ar = _mask_row(row, adims)
+                th = th_h[row]
+                tm = th_m[row]
+                tcand = max(th, tm)
+                q0 = qc[b, h, t, 0]
+                q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
+                # pass 1 (branch-free): candidates = visible and (always or d <= threshold), latest first
+                n = 0
+                for s in range(s1 - 1, s0 - 1, -1):
+                    d = _popcount(q0 ^ kc[kbase + s, 0])
+                    if words > 1:
+                        d += _popcount(q1 ^ kc[kbase + s, 1])
+                        for w in range(2, words):
+                            d += _popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
+                    a = alw[ar, s]
+                    cand = vis[vr, s] & (a | (d <= tcand))
+                    idx[n] = s
+                    dd[n] = -1 if a else d
+                    n += np.int64(cand)
+                if want_tiers:
+                    for s in range(s0, s1):
+                        tiers[row, s] = LOW if vis[vr, s] else HIDDEN
+                a_row = qdc_row = bias_h = np.float32(0.0)
+                if has_mid:
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
+                    bias_h = bias[h]
+                # pass 2: tiers of the candidates (ties: later positions first), logits of high and mid
+                cnt_h = tb_h[row, c]
+                cnt_m = tb_m[row, c]
+                ndh = nd_h[row]
+                ndm = nd_m[row]
+                nsel = 0
+                for i in range(n):
+                    s = idx[i]
+                    d = dd[i]
+                    if d < 0:
+                        tier = HIGH
+                    else:
+                        tier = LOW
+                        if d < tm:
+                            tier = MID
+                        elif d == tm:
+                            cnt_m += 1
+                            if cnt_m <= ndm:
+                                tier = MID
+                        if d < th:
+                            tier = HIGH
+                        elif d == th:
+                            cnt_h += 1
+                            if cnt_h <= ndh:
+                                tier = HIGH
+                    if want_tiers:
+                        tiers[row, s] = tier
+                    if tier == HIGH:
+                        logit[nsel] = _exact_logit(q, row, keys, kbase + s, scaling)
+                        idx[nsel] = s
+                        nsel += 1
+                    elif tier == MID and has_mid:
+                        x0 = q0 ^ kc[kbase + s, 0]
+                        x1 = (q1 ^ kc[kbase + s, 1]) if words > 1 else np.int64(0)
+                        logit[nsel] = _mid_logit(
+                            d, x0, x1, words, h, a_row, knorm[kbase + s],
+                            qdc_row, bias_h, scaling, costab, bits, tab, sumphi,
+                        )  # fmt: skip
+                        idx[nsel] = s
+                        nsel += 1
+                if want_probs:
+                    for s in range(s0, s1):
+                        probs[row, s] = 0.0
+                m, total = _softmax_chunk(nsel, idx, logit, vals, kbase, acc_part[row, c], probs, row, want_probs)
+                m_part[row, c] = m
+                l_part[row, c] = total
+
+
+# ------------------------------------------------------------------------------ torch plumbing
+
+
+def _check_cpu(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu backend takes CPU tensors, got one on {t.device}")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """C-contiguous numpy view (no copy when already contiguous); 16-bit floats as raw bits."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _codes(t: torch.Tensor) -> np.ndarray:
+    if t.dtype != torch.int64:
+        raise ValueError(f"codes must be packed int64 words, got dtype {t.dtype}")
+    return _np(t)
+
+
+def _dist2d(dist: torch.Tensor) -> np.ndarray:
+    if dist.dim() != 4 or dist.dtype.is_floating_point or dist.dtype == torch.bool:
+        raise ValueError("dist must be an integer tensor [B, H, T, S]")
+    if dist.dtype not in (torch.int32, torch.int64):
+        dist = dist.to(torch.int64)
+    return _np(dist).reshape(-1, dist.shape[-1])
+
+
+def _mask(mask: torch.Tensor, shape: tuple[int, int, int, int], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A bool mask broadcastable to ``[B, H, T, S]`` as ``[Bm * Hm * Tm, S]`` plus its row map."""
+    nbatch, heads, tokens, seq = shape
+    if mask.dtype != torch.bool:
+        mask = mask.to(torch.bool)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    for d in range(3):  # undo zero-stride expansion of the leading dims: no copy of a broadcast mask
+        if mask.shape[d] > 1 and mask.stride(d) == 0:
+            mask = mask.narrow(d, 0, 1)
+    for d, full in enumerate(shape[:3]):
+        if mask.shape[d] not in (1, full):
+            raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {shape}")
+    if mask.shape[3] != seq:
+        if mask.shape[3] != 1:
+            raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {shape}")
+        mask = mask.expand(*mask.shape[:3], seq)
+    dims = np.array([heads, tokens, mask.shape[0], mask.shape[1], mask.shape[2]], dtype=np.int64)
+    return _np(mask).reshape(-1, seq), dims
+
+
+def _rows(k: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-row int64 values of ``k`` broadcast to ``[B, H, T]``."""
+    k = torch.as_tensor(k).to(torch.int64)
+    return k.expand(*shape[:3]).contiguous().numpy().reshape(-1)
+
+
+def _kv_rows(t: torch.Tensor, heads: int, name: str) -> np.ndarray:
+    if t.dim() != 4 or heads % t.shape[1]:
+        raise ValueError(f"{name} must be [B, Hkv, S, D] with H % Hkv == 0, got {tuple(t.shape)}")
+    return _np(t).reshape(-1, t.shape[-1])
+
+
+_TAB_BITS = np.array([[(v >> i) & 1 for i in range(8)] for v in range(256)], dtype=np.float64)  # [256, 8]
+
+
+def _mid_arrays(mid: MidTierInputs | None, heads: int, words: int):
+    """Per-head tables and flat views of the mid-tier inputs (dummies when ``mid`` is None)."""
+    if mid is None:
+        f1 = np.zeros(1, np.float32)
+        return (False, f1, f1, f1, f1, f1, np.zeros((1, 16, 256), np.float32), f1, f1, 1)
+    bits = int(mid.bits)
+    if bits < 1 or bits > 64 * words or words > 2:
+        raise ValueError(f"mid tier needs 1..{64 * words} bits in at most 2 words, got bits={bits}")
+    residual = mid.residual.detach().to(torch.float64).reshape(heads, -1)[:, :bits]
+    phi = np.zeros((heads, 128), np.float64)
+    phi[:, :bits] = residual.numpy()
+    # tab[h, j, v] = sum of phi over the bits set in byte value v at byte position j
+    tab = np.einsum("hjb,vb->hjv", phi.reshape(heads, 16, 8), _TAB_BITS).astype(np.float32)
+    sumphi = residual.to(torch.float32).sum(-1).numpy().astype(np.float32)
+    d = torch.arange(bits + 1, dtype=torch.float32)
+    costab = torch.cos(math.pi * d / bits).numpy()
+    f32 = lambda t: _np(t.detach().to(torch.float32)).reshape(-1)  # noqa: E731
+    return (
+        True,
+        f32(mid.query_norm),
+        f32(mid.key_norm),
+        f32(mid.query_dot_center),
+        f32(mid.temperature),
+        f32(mid.bias),
+        np.ascontiguousarray(tab),
+        sumphi,
+        costab,
+        bits,
+    )
+
+
+def _finish(m_part, l_part, acc_part, probs, want_probs, shape, dtype):
+    nbatch, heads, tokens, dim = shape
+    out = np.empty((nbatch * heads * tokens, dim), np.float64)
+    factor = np.empty(m_part.shape, np.float64)
+    _merge_kernel(m_part, l_part, acc_part, out, factor)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim).to(torch.float32).to(dtype)
+    if want_probs:
+        _scale_probs(probs, factor, CHUNK)
+        return output, torch.from_numpy(probs).view(nbatch, heads, tokens, -1)
+    return output, None
+
+
+# --------------------------------------------------------------------------------- public API
+
+
+def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """Packed Hamming distance ``[B, H, T, S]`` int32 (see :func:`dashkv.ops.reference.hamming_distance`)."""
+    _check_cpu(query_codes, key_codes)
+    nbatch, heads, tokens, words = query_codes.shape
+    kb, kheads, seq, kw = key_codes.shape
+    if kw != words or heads % kheads or kb not in (1, nbatch):
+        raise ValueError(f"codes {tuple(query_codes.shape)} and {tuple(key_codes.shape)} do not match")
+    out = np.empty((nbatch, heads, tokens, seq), np.int32)
+    if out.size:
+        _hamming_kernel(_codes(query_codes), _codes(key_codes).reshape(-1, words), kheads, out, CHUNK)
+    return torch.from_numpy(out)
+
+
+def _histogram(dist, eligible, lo, hi):
+    if hi < lo:
+        raise ValueError(f"empty distance range [{lo}, {hi}]")
+    d2 = _dist2d(dist)
+    elig, edims = _mask(eligible, tuple(dist.shape), "eligible")
+    return d2, elig, edims, _hist_kernel(d2, elig, edims, int(lo), int(hi) - int(lo) + 1, CHUNK)
+
+
+def kth_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The k-th smallest eligible distance per row ``[B, H, T]`` int64 (see the reference)."""
+    _check_cpu(dist, eligible, k)
+    _, _, _, hist = _histogram(dist, eligible, lo, hi)
+    thr, _, _ = _thresholds(hist, _rows(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
+    return torch.from_numpy(thr).view(dist.shape[:3])
+
+
+def select_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Exactly ``min(k, n)`` eligible keys of smallest distance per row, ties to later positions."""
+    _check_cpu(dist, eligible, k)
+    d2, elig, edims, hist = _histogram(dist, eligible, lo, hi)
+    thr, need, tie_base = _thresholds(hist, _rows(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
+    out = np.empty(d2.shape, np.bool_)
+    _select_kernel(d2, elig, edims, thr, need, tie_base, out, CHUNK)
+    return torch.from_numpy(out).view(dist.shape)
+
+
+def assign_tiers(
+    dist: torch.Tensor,
+    visible: torch.Tensor,
+    always: torch.Tensor,
+    k_high: torch.Tensor,
+    k_mid: torch.Tensor,
+    lo: int,
+    hi: int,
+) -> torch.Tensor:
+    """Tiers ``[B, H, T, S]`` int8: 2 high, 1 mid, 0 low, -1 hidden (see the reference)."""
+    _check_cpu(dist, visible, always)
+    shape = tuple(dist.shape)
+    vis, vdims = _mask(visible, shape, "visible")
+    alw, adims = _mask(always, shape, "always")
+    eligible = visible & ~always
+    d2, elig, edims, hist = _histogram(dist, eligible, lo, hi)
+    nb = int(hi) - int(lo) + 1
+    kh = torch.as_tensor(k_high)
+    th_h, nd_h, tb_h = _thresholds(hist, _rows(kh, shape), int(lo), nb)
+    th_m, nd_m, tb_m = _thresholds(hist, _rows(kh + torch.as_tensor(k_mid), shape), int(lo), nb)
+    out = np.empty(d2.shape, np.int8)
+    _tiers_kernel(d2, vis, vdims, alw, adims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, CHUNK)
+    return torch.from_numpy(out).view(shape)
+
+
+def tiered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tiers: torch.Tensor,
+    scaling: float,
+    mid: MidTierInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over high (exact) and mid (estimated) keys: ``(output [B, H, T, D], probs [B, H, T, S])``.
+
+    Reads K rows of high keys and V rows of high and mid keys only; mid logits only where the tier is
+    mid. ``probs`` is float32 and zero outside high and mid (NaN rows where nothing is selected).
+    """
+    _check_cpu(query, key, value, tiers)
+    nbatch, heads, tokens, dim = query.shape
+    seq = key.shape[2]
+    kheads = key.shape[1]
+    keys = _kv_rows(key, heads, "key")
+    vals = _kv_rows(value, heads, "value")
+    q = _np(query.detach().to(torch.float32)).reshape(-1, dim)
+    tiers_np = _np(tiers.to(torch.int8).expand(nbatch, heads, tokens, seq)).reshape(-1, seq)
+    rows = nbatch * heads * tokens
+    if mid is not None:
+        _check_cpu(mid.dist, mid.query_codes, mid.key_codes)
+        mdist = _dist2d(mid.dist.expand(nbatch, heads, tokens, seq))
+        qcodes = _codes(mid.query_codes)
+        kcodes = _codes(mid.key_codes).reshape(-1, mid.key_codes.shape[-1])
+        if mdist.dtype != np.int32:
+            mdist = mdist.astype(np.int32)
+        margs = _mid_arrays(mid, heads, qcodes.shape[-1])
+    else:
+        mdist = np.zeros((1, 1), np.int32)
+        qcodes = np.zeros((nbatch, heads, tokens, 1), np.int64)
+        kcodes = np.zeros((1, 1), np.int64)
+        margs = _mid_arrays(None, heads, 1)
+    nch = max(1, -(-seq // CHUNK))
+    m_part = np.empty((rows, nch), np.float32)
+    l_part = np.empty((rows, nch), np.float64)
+    acc_part = np.empty((rows, nch, dim), np.float32)
+    probs = np.empty((rows, seq), np.float32)
+    if seq:
+        _attn_tiers_kernel(
+            q, keys, vals, kheads, seq, tiers_np, np.float32(scaling), margs[0], mdist, qcodes, kcodes,
+            *margs[1:], m_part, l_part, acc_part, probs, True, CHUNK,
+        )  # fmt: skip
+    else:
+        m_part.fill(-np.inf)
+    output, probs_t = _finish(m_part, l_part, acc_part, probs, True, (nbatch, heads, tokens, dim), query.dtype)
+    return output, probs_t
+
+
+def dash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    k_high: torch.Tensor | float,
+    k_mid: torch.Tensor | float,
+    scaling: float,
+    visible: torch.Tensor | None = None,
+    always: torch.Tensor | None = None,
+    mid: MidTierInputs | None = None,
+    return_probs: bool = False,
+    return_tiers: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Fused decode step: Hamming distances, tiers and tiered attention in two passes over the codes.
+
+    Equals ``tiered_attention(q, K, V, assign_tiers(hamming_distance(qc, kc), visible, always,
+    k_high, k_mid, 0, 64 * W), scaling, mid)`` without materialising distances, tiers or probabilities.
+
+    Parameters
+    ----------
+    query : Tensor[B, H, T, D]
+    key, value : Tensor[B, Hkv, S, D]
+    query_codes : Tensor[B, H, T, W], int64
+    key_codes : Tensor[B, Hkv, S, W], int64
+    k_high, k_mid : Tensor[B, H or 1, T] int64, or float -- keys for high and for mid outside ``always``;
+        a float is a fraction of each row's eligible keys (``budget_counts`` of the eligible count)
+    scaling : float
+    visible, always : Tensor[B, 1 or H, T, S] bool, or None (all visible / none always)
+    mid : MidTierInputs or None -- only ``bits``, the norms, ``temperature``, ``bias`` and
+        ``residual`` are read (``dist`` and codes come from the fused pass and may be None)
+    return_probs, return_tiers : also return the ``[B, H, T, S]`` probabilities / tiers
+
+    Returns
+    -------
+    output : Tensor[B, H, T, D], query's dtype
+    probs : Tensor[B, H, T, S] float32 or None
+    tiers : Tensor[B, H, T, S] int8 or None
+    """
+    _check_cpu(query, key, value, query_codes, key_codes)
+    nbatch, heads, tokens, dim = query.shape
+    kheads, seq = key.shape[1], key.shape[2]
+    words = query_codes.shape[-1]
+    shape = (nbatch, heads, tokens, seq)
+    if tuple(query_codes.shape[:3]) != shape[:3] or key_codes.shape[1:3] != key.shape[1:3]:
+        raise ValueError("codes do not match query / key shapes")
+    qc = _codes(query_codes)
+    kc = _codes(key_codes).reshape(-1, words)
+    keys = _kv_rows(key, heads, "key")
+    vals = _kv_rows(value, heads, "value")
+    q = _np(query.detach().to(torch.float32)).reshape(-1, dim)
+    vis, vdims = _mask(visible if visible is not None else torch.ones(1, 1, 1, seq, dtype=torch.bool), shape, "visible")
+    alw, adims = _mask(always if always is not None else torch.zeros(1, 1, 1, seq, dtype=torch.bool), shape, "always")
+    rows = nbatch * heads * tokens
+    nb = 64 * words + 1  # distances 0..64W; lo = 0
+    hist = _fused_hist_kernel(qc, kc, kheads, seq, vis, vdims, alw, adims, nb, CHUNK)
+    if isinstance(k_high, float) or isinstance(k_mid, float):
+        eligible_count = torch.from_numpy(hist[:, :, : nb + 3].sum(axis=(1, 2)))
+    kh = budget_counts(eligible_count, k_high).numpy() if isinstance(k_high, float) else _rows(k_high, shape)
+    km = budget_counts(eligible_count, k_mid).numpy() if isinstance(k_mid, float) else _rows(k_mid, shape)
+    th_h, nd_h, tb_h = _thresholds(hist, kh, 0, nb)
+    th_m, nd_m, tb_m = _thresholds(hist, kh + km, 0, nb)
+    margs = _mid_arrays(mid, heads, words)
+    nch = hist.shape[1]
+    m_part = np.empty((rows, nch), np.float32)
+    l_part = np.empty((rows, nch), np.float64)
+    acc_part = np.empty((rows, nch, dim), np.float32)
+    probs = np.empty((rows, seq) if return_probs else (1, 1), np.float32)
+    tiers = np.empty((rows, seq) if return_tiers else (1, 1), np.int8)
+    if seq:
+        _fused_attn_kernel(
+            q, qc, kc, keys, vals, kheads, seq, vis, vdims, alw, adims, np.float32(scaling),
+            th_h, nd_h, tb_h, th_m, nd_m, tb_m, *margs,
+            m_part, l_part, acc_part, probs, return_probs, tiers, return_tiers, CHUNK,
+        )  # fmt: skip
+    else:
+        m_part.fill(-np.inf)
+    output, probs_t = _finish(m_part, l_part, acc_part, probs, return_probs, (nbatch, heads, tokens, dim), query.dtype)
+    tiers_t = torch.from_numpy(tiers).view(shape) if return_tiers else None
+    return output, probs_t, tiers_t

@@ -1,0 +1,249 @@
+"""Reference implementation of every DASH-KV kernel: readable torch, fp32, vectorised over batch and
+heads. Fast backends keep these signatures and are tested against them (integers exactly).
+
+Shapes follow Hugging Face: queries ``[B, H, T, D]``, keys/values ``[B, Hkv, S, D]``; query head ``h``
+reads KV head ``h // (H // Hkv)``. Tier codes: ``2`` high (exact), ``1`` mid (estimated), ``0`` low
+(skipped, kept in the cache), ``-1`` not visible (future or padding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from dashkv.codes import to_signs, unpack_bits
+
+HIGH, MID, LOW, HIDDEN = 2, 1, 0, -1
+
+_M1 = 0x5555555555555555
+_M2 = 0x3333333333333333
+_M4 = 0x0F0F0F0F0F0F0F0F
+
+
+def popcount64(words: torch.Tensor) -> torch.Tensor:
+    """Number of set bits of each int64 word (torch has no popcount op): SWAR bit counting.
+
+    Parameters
+    ----------
+    words : Tensor[...], int64
+
+    Returns
+    -------
+    Tensor[...], int64 in ``[0, 64]``
+    """
+    x = words - ((words >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+def expand_kv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat KV heads ``[B, Hkv, ...]`` to query heads ``[B, H, ...]`` (GQA)."""
+    groups = num_heads // tensor.shape[1]
+    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """Packed Hamming distance between every query code and every key code of its KV head.
+
+    Parameters
+    ----------
+    query_codes : Tensor[B, H, T, W], int64
+    key_codes : Tensor[B, Hkv, S, W], int64
+
+    Returns
+    -------
+    Tensor[B, H, T, S], int32 in ``[0, 64 * W]``
+    """
+    keys = expand_kv(key_codes, query_codes.shape[1])
+    xor = query_codes.unsqueeze(3) ^ keys.unsqueeze(2)  # [B, H, T, S, W]
+    return popcount64(xor).sum(-1).to(torch.int32)
+
+
+def budget_counts(num_eligible: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keys a fraction buys: ``ceil(fraction * n)`` per row, never more than ``n``."""
+    k = torch.ceil(num_eligible.to(torch.float64) * fraction - 1e-9).clamp_(min=0)
+    return torch.minimum(k.to(torch.int64), num_eligible.to(torch.int64))
+
+
+def histogram(dist: torch.Tensor, eligible: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Count eligible keys per integer distance value.
+
+    Parameters
+    ----------
+    dist : Tensor[B, H, T, S], integer in ``[lo, hi]``
+    eligible : Tensor[B, H or 1, T, S], bool
+
+    Returns
+    -------
+    Tensor[B, H, T, hi - lo + 1], int64
+    """
+    idx = (dist.to(torch.int64) - lo).clamp_(0, hi - lo)
+    weights = eligible.expand_as(dist).to(torch.int64)
+    counts = torch.zeros(*dist.shape[:-1], hi - lo + 1, dtype=torch.int64, device=dist.device)
+    return counts.scatter_add_(-1, idx, weights)
+
+
+def kth_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The k-th smallest eligible distance of each row, from a histogram (no sort).
+
+    Parameters
+    ----------
+    dist : Tensor[B, H, T, S], integer in ``[lo, hi]``
+    eligible : Tensor[B, H or 1, T, S], bool
+    k : Tensor[B, H or 1, T], int64, ``k >= 0``
+
+    Returns
+    -------
+    Tensor[B, H, T], int64: ``sorted(eligible distances)[k - 1]`` for ``1 <= k <= n``; ``lo`` for
+    ``k == 0`` and ``hi + 1`` for ``k > n`` (so the selection rule below stays uniform).
+    """
+    cum = histogram(dist, eligible, lo, hi).cumsum(-1)
+    return lo + (cum < k.expand(cum.shape[:-1]).unsqueeze(-1)).sum(-1)
+
+
+def select_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Exactly ``min(k, n)`` eligible keys of smallest distance per row; ties go to later positions.
+
+    The order (distance up, position down) is total, so selections for growing ``k`` are nested.
+
+    Parameters
+    ----------
+    dist : Tensor[B, H, T, S], integer in ``[lo, hi]``
+    eligible : Tensor[B, H or 1, T, S], bool
+    k : Tensor[B, H or 1, T], int64
+
+    Returns
+    -------
+    Tensor[B, H, T, S], bool
+    """
+    eligible = eligible.expand_as(dist)
+    threshold = kth_smallest(dist, eligible, k, lo, hi).unsqueeze(-1)
+    below = eligible & (dist < threshold)
+    need = k.expand(threshold.shape[:-1]).unsqueeze(-1) - below.sum(-1, keepdim=True)
+    tie = eligible & (dist == threshold)
+    rank_from_end = tie.flip(-1).cumsum(-1).flip(-1)
+    return below | (tie & (rank_from_end <= need))
+
+
+def assign_tiers(
+    dist: torch.Tensor,
+    visible: torch.Tensor,
+    always: torch.Tensor,
+    k_high: torch.Tensor,
+    k_mid: torch.Tensor,
+    lo: int,
+    hi: int,
+) -> torch.Tensor:
+    """Three tiers from calibrated distances.
+
+    Parameters
+    ----------
+    dist : Tensor[B, H, T, S], integer in ``[lo, hi]``
+    visible : Tensor[B, 1, T, S], bool -- causal and padding mask
+    always : Tensor[B, 1, T, S], bool -- sinks and local window, always high
+    k_high, k_mid : Tensor[B, 1, T], int64 -- keys to put in high and in mid, outside ``always``
+
+    Returns
+    -------
+    Tensor[B, H, T, S], int8 -- ``2`` high, ``1`` mid, ``0`` low, ``-1`` not visible
+    """
+    eligible = visible & ~always
+    high = select_smallest(dist, eligible, k_high, lo, hi) | (always & visible)
+    high_or_mid = select_smallest(dist, eligible, k_high + k_mid, lo, hi)
+    tiers = torch.full(dist.shape, HIDDEN, dtype=torch.int8, device=dist.device)
+    tiers.masked_fill_(visible.expand_as(dist), LOW)
+    tiers.masked_fill_(high_or_mid, MID)
+    tiers.masked_fill_(high, HIGH)
+    return tiers
+
+
+class MidTierInputs(NamedTuple):
+    """What the mid-tier estimate needs besides q, K and V (see :func:`mid_tier_logits`).
+
+    Attributes
+    ----------
+    dist : Tensor[B, H, T, S], int32 -- raw Hamming distance
+    query_codes : Tensor[B, H, T, W], int64 -- packed query codes
+    key_codes : Tensor[B, Hkv, S, W], int64 -- packed key codes
+    bits : int -- ``R``
+    query_norm : Tensor[B, H, T], float32 -- ``|q|``
+    key_norm : Tensor[B, Hkv, S], float32 -- ``|k - mu|``
+    query_dot_center : Tensor[B, H, T], float32 -- ``q . mu`` (``mu`` the key centre of q's KV head)
+    temperature, bias : Tensor[H], float32
+    residual : Tensor[H, R], float32 -- bit weights ``phi``
+    """
+
+    dist: torch.Tensor
+    query_codes: torch.Tensor
+    key_codes: torch.Tensor
+    bits: int
+    query_norm: torch.Tensor
+    key_norm: torch.Tensor
+    query_dot_center: torch.Tensor
+    temperature: torch.Tensor
+    bias: torch.Tensor
+    residual: torch.Tensor
+
+
+def mid_tier_logits(mid: MidTierInputs, scaling: float) -> torch.Tensor:
+    """Estimated logits of every key from its code (the reference computes them densely).
+
+    ``q.k = q.mu + q.(k - mu)``; the second term is estimated from the hash dot product through the
+    random-hyperplane angle estimate ``|q| |k - mu| cos(pi * D / R)``, sharpened by a per-head
+    temperature (the paper's asymmetric temperature against over-smoothed hash scores), shifted by a
+    per-head bias, plus the residual ``sum_r phi_r h_q,r h_k,r`` (a learned bit-weighted agreement,
+    ``h = +-1``).
+
+    Returns
+    -------
+    Tensor[B, H, T, S], float32
+    """
+    heads = mid.dist.shape[1]
+    cos = torch.cos(math.pi * mid.dist.to(torch.float32) / mid.bits)
+    knorm = expand_kv(mid.key_norm, heads).unsqueeze(2)
+    estimate = mid.temperature.view(1, -1, 1, 1) * mid.query_norm.unsqueeze(-1) * knorm * cos
+    logits = (mid.query_dot_center.unsqueeze(-1) + estimate) * scaling + mid.bias.view(1, -1, 1, 1)
+    query_signs = to_signs(unpack_bits(mid.query_codes, mid.bits))
+    key_signs = to_signs(unpack_bits(expand_kv(mid.key_codes, heads), mid.bits))
+    weighted_q = query_signs * mid.residual.view(1, heads, 1, -1)
+    return logits + weighted_q @ key_signs.transpose(-1, -2)
+
+
+def tiered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tiers: torch.Tensor,
+    scaling: float,
+    mid: MidTierInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over high (exact ``q.k * scaling``) and mid (estimated) keys; low keys get zero weight.
+
+    Parameters
+    ----------
+    query : Tensor[B, H, T, D]
+    key, value : Tensor[B, Hkv, S, D]
+    tiers : Tensor[B, H, T, S], int8
+    scaling : float -- the model's ``1 / sqrt(D)``
+    mid : MidTierInputs or None -- needed when any key is in the mid tier
+
+    Returns
+    -------
+    output : Tensor[B, H, T, D], query's dtype
+    probs : Tensor[B, H, T, S], float32 -- the attention weights (zero outside high and mid)
+    """
+    heads = query.shape[1]
+    k = expand_kv(key, heads).to(torch.float32)
+    v = expand_kv(value, heads).to(torch.float32)
+    exact = (query.to(torch.float32) @ k.transpose(-1, -2)) * scaling
+    logits = torch.where(tiers == HIGH, exact, torch.full_like(exact, float("-inf")))
+    if mid is not None:
+        logits = torch.where(tiers == MID, mid_tier_logits(mid, scaling), logits)
+    probs = torch.softmax(logits, dim=-1)
+    return (probs @ v).to(query.dtype), probs

@@ -1,0 +1,54 @@
+"""Per-layer counts of keys in each tier, gathered while DASH-KV is enabled."""
+
+from __future__ import annotations
+
+import torch
+
+from dashkv.ops.reference import HIGH, LOW, MID
+
+
+class TierStats:
+    """Accumulates, per layer, how many (query, head, key) triples fell in each tier.
+
+    Dense layers and dense prefill are counted as ``dense`` and do not enter the tier fractions.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+        self.dense_calls: dict[int, int] = {}
+
+    def record(self, layer: int, tiers: torch.Tensor) -> None:
+        """Add one call's tier assignment (Tensor[B, H, T, S] int8)."""
+        counts = torch.stack([(tiers == t).sum() for t in (HIGH, MID, LOW)]).cpu()
+        self.counts[layer] = self.counts.get(layer, torch.zeros(3, dtype=torch.int64)) + counts
+
+    def record_dense(self, layer: int) -> None:
+        self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.dense_calls.clear()
+
+    def summary(self) -> dict:
+        """Per-layer fractions ``{layer: {"high", "mid", "low"}}`` of visible keys, and their ``"mean"``."""
+        out: dict = {}
+        for layer in sorted(self.counts):
+            c = self.counts[layer].double()
+            total = c.sum().clamp(min=1)
+            out[layer] = {"high": float(c[0] / total), "mid": float(c[1] / total), "low": float(c[2] / total)}
+        if out:
+            layers = [v for k, v in out.items()]
+            out["mean"] = {t: sum(v[t] for v in layers) / len(layers) for t in ("high", "mid", "low")}
+        return out
+
+    def table(self) -> str:
+        """The summary as aligned text, one line per layer."""
+        summary = self.summary()
+        if not summary:
+            return "no tiered attention ran"
+        lines = [f"{'layer':>6} {'high':>7} {'mid':>7} {'low':>7}"]
+        for layer, f in summary.items():
+            lines.append(f"{layer!s:>6} {f['high']:7.3f} {f['mid']:7.3f} {f['low']:7.3f}")
+        if self.dense_calls:
+            lines.append(f"dense layers: {sorted(self.dense_calls)}")
+        return "\n".join(lines)

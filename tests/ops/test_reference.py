@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from dashkv.ops.reference import (
+    HIDDEN,
+    HIGH,
+    LOW,
+    MID,
+    assign_tiers,
+    budget_counts,
+    kth_smallest,
+    select_smallest,
+    tiered_attention,
+)
+
+
+def _random_case(seed, rows=4, length=300, lo=0, hi=64):
+    gen = torch.Generator().manual_seed(seed)
+    dist = torch.randint(lo, hi + 1, (2, 3, rows, length), generator=gen, dtype=torch.int32)
+    eligible = torch.rand(2, 1, rows, length, generator=gen) > 0.2
+    return gen, dist, eligible
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kth_smallest_matches_sorted_values(seed):
+    gen, dist, eligible = _random_case(seed)
+    n = eligible.sum(-1)
+    k = (torch.rand(n.shape, generator=gen) * n).long().clamp(min=1)
+    got = kth_smallest(dist, eligible, k, 0, 64)
+    masked = torch.where(eligible.expand_as(dist), dist, torch.iinfo(torch.int32).max)
+    expected = masked.sort(-1).values.gather(-1, (k - 1).expand(got.shape).unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(got, expected.long())
+    # also torch.quantile with 'lower' interpolation on the eligible values of one row
+    row = dist[0, 0, 0][eligible[0, 0, 0]].double()
+    q = (k[0, 0, 0].item() - 1) / (row.numel() - 1)
+    assert got[0, 0, 0].item() == torch.quantile(row, q, interpolation="lower").item()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_smallest_takes_exactly_k_with_recent_ties(seed):
+    gen, dist, eligible = _random_case(seed, lo=-8)
+    n = eligible.sum(-1)
+    k = (torch.rand(n.shape, generator=gen) * (n + 5)).long()  # includes k > n
+    sel = select_smallest(dist, eligible, k, -8, 64)
+    assert torch.equal(sel.sum(-1), torch.minimum(k, n).expand(sel.shape[:-1]))
+    assert not (sel & ~eligible).any()
+    # every selected key is at least as close as every unselected eligible key
+    big = torch.iinfo(torch.int32).max
+    worst_in = torch.where(sel, dist, -big).amax(-1)
+    best_out = torch.where(eligible & ~sel, dist, big).amin(-1)
+    assert (worst_in <= best_out).all()
+    # ties at the threshold go to later positions
+    for b, h, t in [(0, 0, 0), (1, 2, 3)]:
+        if 0 < sel[b, h, t].sum() < eligible[b, 0, t].sum():
+            thr = worst_in[b, h, t]
+            tie_pos = torch.nonzero(eligible[b, 0, t] & (dist[b, h, t] == thr)).flatten()
+            chosen = sel[b, h, t, tie_pos]
+            assert torch.equal(chosen, chosen.sort().values)  # False... then True...
+
+
+def test_nested_selection_and_tiers():
+    gen, dist, eligible = _random_case(7)
+    visible = eligible | (torch.rand(eligible.shape, generator=gen) > 0.5)
+    always = visible & ~eligible
+    n = eligible.sum(-1)
+    k_high, k_mid = budget_counts(n, 0.1), budget_counts(n, 0.3) - budget_counts(n, 0.1)
+    tiers = assign_tiers(dist, visible, always, k_high, k_mid, 0, 64)
+    assert ((tiers == HIGH) == ((always | select_smallest(dist, eligible, k_high, 0, 64)) & visible)).all()
+    assert torch.equal(((tiers == MID) & eligible).sum(-1), k_mid.expand(tiers.shape[:-1]))
+    assert ((tiers == HIDDEN) == ~visible.expand_as(tiers)).all()
+    assert ((tiers == HIGH) | (tiers == MID) | (tiers == LOW))[visible.expand_as(tiers)].all()
+    # sinks and window (here: all of `always`) are high in every head
+    assert (tiers[always.expand_as(tiers)] == HIGH).all()
+
+
+def test_budget_counts_ceil_and_cap():
+    n = torch.tensor([0, 1, 19, 20, 1000])
+    assert budget_counts(n, 0.05).tolist() == [0, 1, 1, 1, 50]
+    assert budget_counts(n, 1.0).tolist() == n.tolist()
+    assert budget_counts(n, 0.0).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_low_tier_gets_zero_weight_and_all_high_is_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen),
+               torch.randn(1, 2, 9, 16, generator=gen))
+    tiers = torch.full((1, 4, 2, 9), HIGH, dtype=torch.int8)
+    out, probs = tiered_attention(q, k, v, tiers, 0.25)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             scale=0.25)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
+    tiers[..., 3:6] = LOW
+    out, probs = tiered_attention(q, k, v, tiers, 0.25)
+    assert (probs[..., 3:6] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 2))

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from dashkv import HashEncoders
+
+
+def test_save_load_round_trip_gives_identical_codes(tiny_qwen2, tmp_path):
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    with torch.no_grad():  # make the MLP matter, so the round trip covers every tensor
+        enc.layers[1].query_mlp[-1].weight.normal_()
+    enc.save_pretrained(tmp_path)
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    q, k = torch.randn(2, 6, 5, 16), torch.randn(2, 2, 11, 16)
+    for a, b in zip(enc.layers, loaded.layers):
+        assert torch.equal(a.encode_query(q), b.encode_query(q))
+        assert torch.equal(a.encode_key(k)[0], b.encode_key(k)[0])
+    assert loaded.shape == enc.shape and loaded.fingerprint == enc.fingerprint
+
+
+def test_random_encoders_are_seeded_simhash(tiny_qwen2):
+    a = HashEncoders.random(tiny_qwen2, bits=32, seed=1)
+    b = HashEncoders.random(tiny_qwen2, bits=32, seed=1)
+    c = HashEncoders.random(tiny_qwen2, bits=32, seed=2)
+    x = torch.randn(1, 2, 4, 16)
+    assert torch.equal(a.layers[0].encode_key(x)[0], b.layers[0].encode_key(x)[0])
+    assert not torch.equal(a.layers[0].encode_key(x)[0], c.layers[0].encode_key(x)[0])
+    # SimHash: a query equal to a key of its KV head gets the same code (distance 0)
+    q = x.repeat_interleave(3, dim=1)  # 6 query heads over 2 KV heads
+    assert torch.equal(a.layers[0].encode_query(q), a.layers[0].encode_key(x)[0].repeat_interleave(3, dim=1))
+
+
+def test_encoders_of_another_model_are_refused(tiny_qwen2, default_model):
+    model, _ = default_model
+    enc = HashEncoders.random(tiny_qwen2, bits=64)
+    with pytest.raises(ValueError, match=r"num_layers.*3.*num_layers.*30"):
+        enc.check_compatible(model)
+
+
+def test_unsupported_bits_are_refused(tiny_qwen2):
+    with pytest.raises(ValueError, match="bits=24"):
+        HashEncoders.random(tiny_qwen2, bits=24)
+
+
+def test_from_pretrained_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        HashEncoders.from_pretrained(tmp_path)

@@ -93,3 +93,16 @@ def test_low_tier_gets_zero_weight_and_all_high_is_softmax():
     out, probs = tiered_attention(q, k, v, tiers, 0.25)
     assert (probs[..., 3:6] == 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 2))
+
+
+def test_anchor_offset_removes_a_constant_bias_of_the_estimate():
+    from dashkv.ops.reference import anchor_offset
+
+    gen = torch.Generator().manual_seed(1)
+    exact = torch.randn(1, 2, 3, 20, generator=gen)
+    tiers = torch.full(exact.shape, MID, dtype=torch.int8)
+    tiers[..., :5] = HIGH
+    shift = torch.tensor([1.5, -4.0]).view(1, 2, 1, 1)
+    offset = anchor_offset(exact, exact + shift, tiers)
+    torch.testing.assert_close(offset, (-shift).expand(1, 2, 3, 1))
+    assert (anchor_offset(exact, exact + 3, torch.full_like(tiers, MID)) == 0).all()  # no high keys, no shift

@@ -193,54 +193,101 @@ def _thresholds(hist, kvals, lo, nb):
     return thr, need, tie_base
 
 
-@njit(fastmath=_FASTMATH, **_JIT)
-def _softmax_chunk(n, idx, logit, vals, kvbase, acc, probs, prow, want_probs):
-    """Unnormalised softmax of ``n`` logits: returns ``(max, sum exp)``; ``acc = sum exp * v``."""
-    dim = acc.shape[0]
-    for j in range(dim):
-        acc[j] = 0.0
-    if n == 0:
-        return np.float32(-np.inf), 0.0
-    m = logit[0]
-    for i in range(1, n):
-        if logit[i] > m:
-            m = logit[i]
-    total = 0.0
-    for i in range(n):
-        e = np.float32(math.exp(logit[i] - m))
-        total += e
-        s = idx[i]
-        vrow = kvbase + s
-        for j in range(dim):
-            acc[j] += e * _f32(vals[vrow, j])
-        if want_probs:
-            probs[prow, s] = e
-    return m, total
+@njit(fastmath=_FASTMATH, inline="always", **_JIT)
+def _expf(x):
+    """``exp(x)`` for ``x <= 0`` in float32 without a libm call (Cephes' expf polynomial, about 1 ulp),
+    so that the loop over a chunk's logits vectorises; ``0`` below ``-87.3`` and for ``-inf``."""
+    xc = max(x, np.float32(-87.3))
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = (p * r * r + r + np.float32(1.0)) * _bits_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+    return y if x >= np.float32(-87.3) else np.float32(0.0)
 
 
-@njit(fastmath=_FASTMATH, **_JIT)
-def _exact_logit(q, qrow, keys, krow, scaling):
-    dot = np.float32(0.0)
-    for j in range(q.shape[1]):
-        dot += q[qrow, j] * _f32(keys[krow, j])
-    return dot * scaling
-
-
-@njit(fastmath=_FASTMATH, **_JIT)
-def _mid_logit(d, x0, x1, words, h, a_row, knorm, qdc_row, bias_h, scaling, costab, bits, tab, sumphi):
-    """Estimated logit: angle estimate from distance ``d`` plus byte-table residual of ``x = q ^ k``."""
+@njit(fastmath=_FASTMATH, inline="always", **_JIT)
+def _estimate(krow, d, h, q0, q1, kc, a_row, qdc_row, knorm, bias_h, sum_h, tab, costab, bits, scaling):
+    """Mid-tier logit of one key (see :func:`dashkv.ops.reference.mid_tier_logits`): the angle
+    estimate from distance ``d`` plus the residual ``sum phi - 2 sum_{q_r != k_r} phi_r`` from byte
+    tables of the bit weights over ``x = q ^ k``."""
     if 0 <= d <= bits:
         cos = costab[d]
     else:
         cos = np.float32(math.cos(np.float32(math.pi) * np.float32(d) / np.float32(bits)))
-    logit = (qdc_row + a_row * knorm * cos) * scaling + bias_h
+    logit = (qdc_row + a_row * knorm[krow] * cos) * scaling + bias_h
+    x = q0 ^ kc[krow, 0]
     res = np.float32(0.0)
     for j in range(8):
-        res += tab[h, j, (x0 >> (8 * j)) & 255]
-    if words > 1:
+        res += tab[h, j, (x >> (8 * j)) & 255]
+    if kc.shape[1] > 1:
+        x = q1 ^ kc[krow, 1]
         for j in range(8):
-            res += tab[h, 8 + j, (x1 >> (8 * j)) & 255]
-    return logit + (sumphi[h] - np.float32(2.0) * res)
+            res += tab[h, 8 + j, (x >> (8 * j)) & 255]
+    return logit + (sum_h - np.float32(2.0) * res)
+
+
+@njit(fastmath=_FASTMATH, **_JIT)
+def _softmax_part(logit, lo, hi, idx, vals, kbase, acc, probs, row, want_probs):
+    """``(max, sum exp)`` of ``logit[lo:hi]`` and ``acc = sum exp * v`` (V rows of those keys only)."""
+    dim = acc.shape[0]
+    for j in range(dim):
+        acc[j] = 0.0
+    if hi <= lo:
+        return np.float32(-np.inf), 0.0
+    m = logit[lo]
+    for i in range(lo + 1, hi):
+        m = max(m, logit[i])
+    total = np.float32(0.0)
+    for i in range(lo, hi):
+        e = _expf(logit[i] - m)
+        logit[i] = e
+        total += e
+    for i in range(lo, hi):
+        e = logit[i]
+        vrow = kbase + idx[i]
+        for j in range(dim):
+            acc[j] += e * _f32(vals[vrow, j])
+    if want_probs:
+        for i in range(lo, hi):
+            probs[row, idx[i]] = logit[i]
+    return m, np.float64(total)
+
+
+@njit(fastmath=_FASTMATH, **_JIT)
+def _attend_chunk(
+    q, row, keys, vals, kbase, scaling, idx, nh, nm, dd, logit,
+    mid_on, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+    part_m, part_l, part_acc, probs, want_probs,
+):  # fmt: skip
+    """Split softmax of one (row, chunk): ``idx[:nh]`` high keys, ``idx[nh:nh + nm]`` mid keys, ``dd``
+    their raw distances. High logits read K rows of high keys only; the weighted sums read V rows of
+    selected keys only. High and mid keep separate partials (``part_*[0]`` and ``[1]``) because the
+    anchor offset of the mid logits is known only once all chunks are done. Returns the chunk's sum
+    of ``exact - estimate`` over its high keys (the anchor's numerator; 0 without the mid tier)."""
+    dim = q.shape[1]
+    for i in range(nh):
+        krow = kbase + idx[i]
+        dot = np.float32(0.0)
+        for j in range(dim):
+            dot += q[row, j] * _f32(keys[krow, j])
+        logit[i] = dot * scaling
+    gap = 0.0
+    if mid_on:
+        bias_h = bias[h]
+        sum_h = sumphi[h]
+        for i in range(nh):
+            est = _estimate(kbase + idx[i], dd[i], h, q0, q1, kc, a_row, qdc_row, knorm, bias_h, sum_h, tab, costab, bits, scaling)
+            gap += np.float64(logit[i] - est)
+        for i in range(nh, nh + nm):
+            logit[i] = _estimate(kbase + idx[i], dd[i], h, q0, q1, kc, a_row, qdc_row, knorm, bias_h, sum_h, tab, costab, bits, scaling)
+    part_m[0], part_l[0] = _softmax_part(logit, 0, nh, idx, vals, kbase, part_acc[0], probs, row, want_probs)
+    part_m[1], part_l[1] = _softmax_part(logit, nh, nh + nm, idx, vals, kbase, part_acc[1], probs, row, want_probs)
+    return gap
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -374,48 +421,60 @@ def _tiers_kernel(dist, vis, vdims, alw, adims, th_h, nd_h, tb_h, th_m, nd_m, tb
     return out
 
 
-@njit(**_PJIT)
-def _merge_kernel(m_part, l_part, acc_part, out, factor):
-    """Combine chunk partials: ``out[row] = sum_c w_c acc_c / L``; ``factor[row, c] = w_c / L``."""
-    rows, nch = m_part.shape
+@njit(**_JIT)
+def _merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, factor):
+    """Combine chunk partials. Mid logits move by the anchor offset (mean ``exact - estimate`` over the
+    row's high keys; 0 without high keys); ``factor[row, c, tier] = weight of that partial / L``."""
+    rows, nch = m_part.shape[0], m_part.shape[1]
     dim = out.shape[1]
-    for r in prange(rows):
+    for r in range(rows):
+        off = 0.0
+        if mid_on:
+            gap = 0.0
+            count = 0
+            for c in range(nch):
+                gap += gap_part[r, c]
+                count += nhigh_part[r, c]
+            off = np.float64(np.float32(gap) / np.float32(max(count, 1)))
         top = -np.inf
         for c in range(nch):
-            if m_part[r, c] > top:
-                top = m_part[r, c]
+            top = max(top, np.float64(m_part[r, c, 0]), np.float64(m_part[r, c, 1]) + off)
         if top == -np.inf:  # nothing selected: softmax of all -inf is NaN, as in torch
             for j in range(dim):
                 out[r, j] = np.nan
             for c in range(nch):
-                factor[r, c] = np.nan
+                factor[r, c, 0] = factor[r, c, 1] = np.nan
             continue
         total = 0.0
         for c in range(nch):
-            w = math.exp(np.float64(m_part[r, c]) - top)
-            factor[r, c] = w
-            total += l_part[r, c] * w
+            w0 = math.exp(np.float64(m_part[r, c, 0]) - top)
+            w1 = math.exp(np.float64(m_part[r, c, 1]) + off - top)
+            factor[r, c, 0] = w0
+            factor[r, c, 1] = w1
+            total += l_part[r, c, 0] * w0 + l_part[r, c, 1] * w1
         for j in range(dim):
             out[r, j] = 0.0
         for c in range(nch):
-            w = factor[r, c] / total
-            factor[r, c] = w
-            if w != 0.0:
-                for j in range(dim):
-                    out[r, j] += acc_part[r, c, j] * w
+            for k in range(2):
+                w = factor[r, c, k] / total
+                factor[r, c, k] = w
+                if w != 0.0:
+                    for j in range(dim):
+                        out[r, j] += acc_part[r, c, k, j] * w
     return out
 
 
 @njit(**_PJIT)
-def _scale_probs(probs, factor, chunk):
+def _scale_probs(probs, tiers, factor, chunk):
     rows, seq = probs.shape
     nch = factor.shape[1]
     for task in prange(rows * nch):
         r = task // nch
         c = task % nch
-        f = np.float32(factor[r, c])
+        f_high = np.float32(factor[r, c, 0])
+        f_mid = np.float32(factor[r, c, 1])
         for s in range(c * chunk, min(seq, (c + 1) * chunk)):
-            probs[r, s] *= f
+            probs[r, s] *= f_mid if tiers[r, s] == MID else f_high
     return probs
 
 
@@ -423,13 +482,12 @@ def _scale_probs(probs, factor, chunk):
 def _attn_tiers_kernel(
     q, keys, vals, kheads, seq, tiers, scaling,
     has_mid, mdist, qcodes, kcodes, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-    m_part, l_part, acc_part, probs, want_probs, chunk,
+    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, chunk,
 ):  # fmt: skip
     """Split-softmax attention over given tiers. ``q [B*H*T, D]`` fp32, ``keys/vals [Bk*Hkv*S, D]``."""
     nbatch, heads, tokens = qcodes.shape[0], qcodes.shape[1], qcodes.shape[2]
     kbatch = keys.shape[0] // (kheads * seq)
     groups = heads // kheads
-    words = kcodes.shape[1]
     nch = (seq + chunk - 1) // chunk
     for task in prange(nbatch * kheads * nch):
         c = task % nch
@@ -439,41 +497,41 @@ def _attn_tiers_kernel(
         s0 = c * chunk
         s1 = min(seq, s0 + chunk)
         idx = np.empty(s1 - s0, np.int64)
+        idm = np.empty(s1 - s0, np.int64)
+        dd = np.empty(s1 - s0, np.int64)
         logit = np.empty(s1 - s0, np.float32)
         for g in range(groups):
             h = kvh * groups + g
             for t in range(tokens):
                 row = (b * heads + h) * tokens + t
+                nh = 0
+                nm = 0
+                for s in range(s0, s1):  # branch-free compaction of high and mid positions
+                    tier = tiers[row, s]
+                    idx[nh] = s
+                    nh += np.int64(tier == HIGH)
+                    idm[nm] = s
+                    nm += np.int64(has_mid & (tier == MID))
+                for i in range(nm):
+                    idx[nh + i] = idm[i]
+                a_row = qdc_row = np.float32(0.0)
+                q0 = q1 = np.int64(0)
+                if has_mid:
+                    for i in range(nh + nm):
+                        dd[i] = mdist[row, idx[i]]
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
+                    q0 = qcodes[b, h, t, 0]
+                    q1 = qcodes[b, h, t, 1] if qcodes.shape[3] > 1 else np.int64(0)
                 if want_probs:
                     for s in range(s0, s1):
                         probs[row, s] = 0.0
-                n = 0
-                a_row = qdc_row = bias_h = np.float32(0.0)
-                q0 = q1 = np.int64(0)
-                if has_mid:
-                    a_row = temp[h] * qnorm[row]
-                    qdc_row = qdc[row]
-                    bias_h = bias[h]
-                    q0 = qcodes[b, h, t, 0]
-                    q1 = qcodes[b, h, t, 1] if words > 1 else np.int64(0)
-                for s in range(s0, s1):
-                    tier = tiers[row, s]
-                    if tier == HIGH:
-                        logit[n] = _exact_logit(q, row, keys, kbase + s, scaling)
-                        idx[n] = s
-                        n += 1
-                    elif tier == MID and has_mid:
-                        x0 = q0 ^ kcodes[kbase + s, 0]
-                        x1 = (q1 ^ kcodes[kbase + s, 1]) if words > 1 else np.int64(0)
-                        logit[n] = _mid_logit(
-                            np.int64(mdist[row, s]), x0, x1, words, h, a_row, knorm[kbase + s],
-                            qdc_row, bias_h, scaling, costab, bits, tab, sumphi,
-                        )  # fmt: skip
-                        idx[n] = s
-                        n += 1
-                m, total = _softmax_chunk(n, idx, logit, vals, kbase, acc_part[row, c], probs, row, want_probs)
-                m_part[row, c] = m
-                l_part[row, c] = total
+                gap_part[row, c] = _attend_chunk(
+                    q, row, keys, vals, kbase, scaling, idx, nh, nm, dd, logit,
+                    has_mid, h, q0, q1, kcodes, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+                    m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
+                )  # fmt: skip
+                nhigh_part[row, c] = nh
 
 
 @njit(**_PJIT)
@@ -520,7 +578,7 @@ def _fused_attn_kernel(
     q, qc, kc, keys, vals, kheads, seq, vis, vdims, alw, adims, scaling,
     th_h, nd_h, tb_h, th_m, nd_m, tb_m,
     has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-    m_part, l_part, acc_part, probs, want_probs, tiers, want_tiers, chunk,
+    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, tiers, want_tiers, chunk,
 ):  # fmt: skip
     """Tiers from thresholds + split-softmax attention, one pass over the codes of each chunk."""
     nbatch, heads, tokens, words = qc.shape
@@ -534,6 +592,8 @@ def _fused_attn_kernel(
         kbase = ((b % kbatch) * kheads + kvh) * seq
         s0 = c * chunk
         s1 = min(seq, s0 + chunk)
+        cand = np.empty(s1 - s0, np.int64)
+        cd = np.empty(s1 - s0, np.int64)
         idx = np.empty(s1 - s0, np.int64)
         dd = np.empty(s1 - s0, np.int64)
         logit = np.empty(s1 - s0, np.float32)
@@ -557,29 +617,25 @@ def _fused_attn_kernel(
                         for w in range(2, words):
                             d += _popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
                     a = alw[ar, s]
-                    cand = vis[vr, s] & (a | (d <= tcand))
-                    idx[n] = s
-                    dd[n] = -1 if a else d
-                    n += np.int64(cand)
+                    cand[n] = s
+                    cd[n] = -1 - d if a else d  # negative: always high (distance -1 - cd)
+                    n += np.int64(vis[vr, s] & (a | (d <= tcand)))
                 if want_tiers:
                     for s in range(s0, s1):
                         tiers[row, s] = LOW if vis[vr, s] else HIDDEN
-                a_row = qdc_row = bias_h = np.float32(0.0)
-                if has_mid:
-                    a_row = temp[h] * qnorm[row]
-                    qdc_row = qdc[row]
-                    bias_h = bias[h]
-                # pass 2: tiers of the candidates (ties: later positions first), logits of high and mid
+                # pass 2: tiers of the candidates (ties: later positions first); high to idx, mid to cand/cd
                 cnt_h = tb_h[row, c]
                 cnt_m = tb_m[row, c]
                 ndh = nd_h[row]
                 ndm = nd_m[row]
-                nsel = 0
+                nh = 0
+                nm = 0
                 for i in range(n):
-                    s = idx[i]
-                    d = dd[i]
+                    s = cand[i]
+                    d = cd[i]
                     if d < 0:
                         tier = HIGH
+                        d = -1 - d
                     else:
                         tier = LOW
                         if d < tm:
@@ -597,24 +653,29 @@ def _fused_attn_kernel(
                     if want_tiers:
                         tiers[row, s] = tier
                     if tier == HIGH:
-                        logit[nsel] = _exact_logit(q, row, keys, kbase + s, scaling)
-                        idx[nsel] = s
-                        nsel += 1
+                        idx[nh] = s
+                        dd[nh] = d
+                        nh += 1
                     elif tier == MID and has_mid:
-                        x0 = q0 ^ kc[kbase + s, 0]
-                        x1 = (q1 ^ kc[kbase + s, 1]) if words > 1 else np.int64(0)
-                        logit[nsel] = _mid_logit(
-                            d, x0, x1, words, h, a_row, knorm[kbase + s],
-                            qdc_row, bias_h, scaling, costab, bits, tab, sumphi,
-                        )  # fmt: skip
-                        idx[nsel] = s
-                        nsel += 1
+                        cand[nm] = s
+                        cd[nm] = d
+                        nm += 1
+                for i in range(nm):
+                    idx[nh + i] = cand[i]
+                    dd[nh + i] = cd[i]
+                a_row = qdc_row = np.float32(0.0)
+                if has_mid:
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
                 if want_probs:
                     for s in range(s0, s1):
                         probs[row, s] = 0.0
-                m, total = _softmax_chunk(nsel, idx, logit, vals, kbase, acc_part[row, c], probs, row, want_probs)
-                m_part[row, c] = m
-                l_part[row, c] = total
+                gap_part[row, c] = _attend_chunk(
+                    q, row, keys, vals, kbase, scaling, idx, nh, nm, dd, logit,
+                    has_mid, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+                    m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
+                )  # fmt: skip
+                nhigh_part[row, c] = nh
 
 
 # ------------------------------------------------------------------------------ torch plumbing
@@ -717,16 +778,30 @@ def _mid_arrays(mid: MidTierInputs | None, heads: int, words: int):
     )
 
 
-def _finish(m_part, l_part, acc_part, probs, want_probs, shape, dtype):
+def _parts(rows: int, seq: int, dim: int):
+    """Per (row, chunk) partials: max and sum exp and sum exp * v of high ``[..., 0]`` and mid
+    ``[..., 1]`` keys, the anchor numerator and the number of high keys."""
+    nch = max(1, -(-seq // CHUNK))
+    m_part = np.full((rows, nch, 2), -np.inf, np.float32)
+    l_part = np.zeros((rows, nch, 2), np.float64)
+    acc_part = np.zeros((rows, nch, 2, dim), np.float32)
+    gap_part = np.zeros((rows, nch), np.float64)
+    nhigh_part = np.zeros((rows, nch), np.int64)
+    return m_part, l_part, acc_part, gap_part, nhigh_part
+
+
+def _finish(parts, mid_on, probs, tiers, shape, dtype):
+    """Merge the partials into ``[B, H, T, D]`` in ``dtype``; normalise ``probs`` in place if given."""
     nbatch, heads, tokens, dim = shape
+    m_part = parts[0]
     out = np.empty((nbatch * heads * tokens, dim), np.float64)
     factor = np.empty(m_part.shape, np.float64)
-    _merge_kernel(m_part, l_part, acc_part, out, factor)
+    _merge_kernel(*parts, mid_on, out, factor)
     output = torch.from_numpy(out).view(nbatch, heads, tokens, dim).to(torch.float32).to(dtype)
-    if want_probs:
-        _scale_probs(probs, factor, CHUNK)
-        return output, torch.from_numpy(probs).view(nbatch, heads, tokens, -1)
-    return output, None
+    if probs is None:
+        return output, None
+    _scale_probs(probs, tiers, factor, CHUNK)
+    return output, torch.from_numpy(probs).view(nbatch, heads, tokens, -1)
 
 
 # --------------------------------------------------------------------------------- public API
@@ -806,8 +881,10 @@ def tiered_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over high (exact) and mid (estimated) keys: ``(output [B, H, T, D], probs [B, H, T, S])``.
 
-    Reads K rows of high keys and V rows of high and mid keys only; mid logits only where the tier is
-    mid. ``probs`` is float32 and zero outside high and mid (NaN rows where nothing is selected).
+    Reads K rows of high keys and V rows of high and mid keys only. Code-based estimates are computed
+    only where the tier is mid, and at high keys for the anchor offset (mean ``exact - estimate`` over
+    the row's high keys, added to the mid logits). ``probs`` is float32 and zero outside high and mid
+    (NaN rows where nothing is selected, as torch's softmax of all ``-inf``).
     """
     _check_cpu(query, key, value, tiers)
     nbatch, heads, tokens, dim = query.shape
@@ -831,19 +908,14 @@ def tiered_attention(
         qcodes = np.zeros((nbatch, heads, tokens, 1), np.int64)
         kcodes = np.zeros((1, 1), np.int64)
         margs = _mid_arrays(None, heads, 1)
-    nch = max(1, -(-seq // CHUNK))
-    m_part = np.empty((rows, nch), np.float32)
-    l_part = np.empty((rows, nch), np.float64)
-    acc_part = np.empty((rows, nch, dim), np.float32)
+    parts = _parts(rows, seq, dim)
     probs = np.empty((rows, seq), np.float32)
     if seq:
         _attn_tiers_kernel(
             q, keys, vals, kheads, seq, tiers_np, np.float32(scaling), margs[0], mdist, qcodes, kcodes,
-            *margs[1:], m_part, l_part, acc_part, probs, True, CHUNK,
+            *margs[1:], *parts, probs, True, CHUNK,
         )  # fmt: skip
-    else:
-        m_part.fill(-np.inf)
-    output, probs_t = _finish(m_part, l_part, acc_part, probs, True, (nbatch, heads, tokens, dim), query.dtype)
+    output, probs_t = _finish(parts, margs[0], probs, tiers_np, (nbatch, heads, tokens, dim), query.dtype)
     return output, probs_t
 
 
@@ -865,7 +937,10 @@ def dash_attention(
     """Fused decode step: Hamming distances, tiers and tiered attention in two passes over the codes.
 
     Equals ``tiered_attention(q, K, V, assign_tiers(hamming_distance(qc, kc), visible, always,
-    k_high, k_mid, 0, 64 * W), scaling, mid)`` without materialising distances, tiers or probabilities.
+    k_high, k_mid, 0, 64 * W), scaling, mid)`` -- tiers ranked by the raw Hamming distance (no
+    calibration) -- without materialising distances, tiers or probabilities: one pass over the codes
+    builds per-chunk histograms, a second one recomputes the distances, picks each chunk's high and
+    mid keys and attends to them.
 
     Parameters
     ----------
@@ -873,8 +948,9 @@ def dash_attention(
     key, value : Tensor[B, Hkv, S, D]
     query_codes : Tensor[B, H, T, W], int64
     key_codes : Tensor[B, Hkv, S, W], int64
-    k_high, k_mid : Tensor[B, H or 1, T] int64, or float -- keys for high and for mid outside ``always``;
-        a float is a fraction of each row's eligible keys (``budget_counts`` of the eligible count)
+    k_high, k_mid : Tensor[B, H or 1, T] int64 -- keys for high and for mid outside ``always``; or two
+        floats, fractions of each row's eligible keys as in ``DashKVConfig`` (``k_high =
+        budget_counts(n, high)``, ``k_mid = budget_counts(n, high + mid) - k_high``)
     scaling : float
     visible, always : Tensor[B, 1 or H, T, S] bool, or None (all visible / none always)
     mid : MidTierInputs or None -- only ``bits``, the norms, ``temperature``, ``bias`` and
@@ -904,27 +980,30 @@ def dash_attention(
     rows = nbatch * heads * tokens
     nb = 64 * words + 1  # distances 0..64W; lo = 0
     hist = _fused_hist_kernel(qc, kc, kheads, seq, vis, vdims, alw, adims, nb, CHUNK)
-    if isinstance(k_high, float) or isinstance(k_mid, float):
-        eligible_count = torch.from_numpy(hist[:, :, : nb + 3].sum(axis=(1, 2)))
-    kh = budget_counts(eligible_count, k_high).numpy() if isinstance(k_high, float) else _rows(k_high, shape)
-    km = budget_counts(eligible_count, k_mid).numpy() if isinstance(k_mid, float) else _rows(k_mid, shape)
+    if isinstance(k_high, float) != isinstance(k_mid, float):
+        raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
+    if isinstance(k_high, float):  # fractions, as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
+        eligible = torch.from_numpy(hist[:, :, : nb + 3].sum(axis=(1, 2)))
+        kh_t = budget_counts(eligible, k_high)
+        kh = kh_t.numpy()
+        km = (budget_counts(eligible, k_high + k_mid) - kh_t).numpy()
+    else:
+        kh, km = _rows(k_high, shape), _rows(k_mid, shape)
     th_h, nd_h, tb_h = _thresholds(hist, kh, 0, nb)
     th_m, nd_m, tb_m = _thresholds(hist, kh + km, 0, nb)
     margs = _mid_arrays(mid, heads, words)
-    nch = hist.shape[1]
-    m_part = np.empty((rows, nch), np.float32)
-    l_part = np.empty((rows, nch), np.float64)
-    acc_part = np.empty((rows, nch, dim), np.float32)
+    parts = _parts(rows, seq, dim)
+    want_tiers = return_tiers or return_probs  # normalising probs needs each key's tier
     probs = np.empty((rows, seq) if return_probs else (1, 1), np.float32)
-    tiers = np.empty((rows, seq) if return_tiers else (1, 1), np.int8)
+    tiers = np.empty((rows, seq) if want_tiers else (1, 1), np.int8)
     if seq:
         _fused_attn_kernel(
             q, qc, kc, keys, vals, kheads, seq, vis, vdims, alw, adims, np.float32(scaling),
             th_h, nd_h, tb_h, th_m, nd_m, tb_m, *margs,
-            m_part, l_part, acc_part, probs, return_probs, tiers, return_tiers, CHUNK,
+            *parts, probs, return_probs, tiers, want_tiers, CHUNK,
         )  # fmt: skip
-    else:
-        m_part.fill(-np.inf)
-    output, probs_t = _finish(m_part, l_part, acc_part, probs, return_probs, (nbatch, heads, tokens, dim), query.dtype)
+    output, probs_t = _finish(
+        parts, margs[0], probs if return_probs else None, tiers, (nbatch, heads, tokens, dim), query.dtype
+    )
     tiers_t = torch.from_numpy(tiers).view(shape) if return_tiers else None
     return output, probs_t, tiers_t

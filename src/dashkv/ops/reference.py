@@ -215,6 +215,22 @@ def mid_tier_logits(mid: MidTierInputs, scaling: float) -> torch.Tensor:
     return logits + weighted_q @ key_signs.transpose(-1, -2)
 
 
+def anchor_offset(exact: torch.Tensor, estimate: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+    """Per-row shift that makes the estimate agree, on average, with the exact logits of the high tier.
+
+    The code-based estimate is biased upward for keys chosen by their codes (they won the ranking,
+    partly by luck), and the bias moves with the query; the high tier, scored both ways, measures it
+    for free. Rows without high keys get no shift.
+
+    Returns
+    -------
+    Tensor[B, H, T, 1], float32
+    """
+    high = tiers == HIGH
+    gap = torch.where(high, exact - estimate, torch.zeros_like(exact)).sum(-1, keepdim=True)
+    return gap / high.sum(-1, keepdim=True).clamp(min=1)
+
+
 def tiered_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -244,6 +260,7 @@ def tiered_attention(
     exact = (query.to(torch.float32) @ k.transpose(-1, -2)) * scaling
     logits = torch.where(tiers == HIGH, exact, torch.full_like(exact, float("-inf")))
     if mid is not None:
-        logits = torch.where(tiers == MID, mid_tier_logits(mid, scaling), logits)
+        estimate = mid_tier_logits(mid, scaling)
+        logits = torch.where(tiers == MID, estimate + anchor_offset(exact, estimate, tiers), logits)
     probs = torch.softmax(logits, dim=-1)
     return (probs @ v).to(query.dtype), probs

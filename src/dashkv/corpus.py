@@ -3,7 +3,8 @@
 Source: the "topics" of the Python Language Reference in CPython's ``pydoc_data.topics`` (the text
 ``help()`` shows; Python Software Foundation License). Only prose paragraphs are kept: grammar
 blocks, code samples and heading rules are dropped. Topics are split by their sorted index, even for
-``"train"`` and odd for ``"eval"``, so the encoders never train on the text they are judged on.
+``"train"`` and odd for ``"eval"``; repeated paragraphs are kept once, and the held-out split drops
+any paragraph the training split has, so the encoders never train on the text they are judged on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _prose_paragraphs(text: str) -> list[str]:
         if re.fullmatch(r"[*=\-^~]+", lines[-1].strip()):
             continue  # a heading and its underline
         paragraph = " ".join(line.strip() for line in lines)
-        if len(paragraph) >= 80 and "::=" not in paragraph and not paragraph.startswith((">>>", "*")):
+        if len(paragraph) >= 80 and not re.search(r"::=|\+---|\|", paragraph) and not paragraph.startswith((">>>", "*")):
             paragraphs.append(paragraph)
     return paragraphs
 
@@ -36,8 +37,12 @@ def paragraphs(split: str) -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    chosen = names[0::2] if split == "train" else names[1::2]
-    return tuple(p for name in chosen for p in _prose_paragraphs(topics[name]))
+    train = tuple(dict.fromkeys(p for name in names[0::2] for p in _prose_paragraphs(topics[name])))
+    if split == "train":
+        return train
+    # some paragraphs stand in several topics: the held-out split drops any that training saw
+    seen = set(train)
+    return tuple(p for p in dict.fromkeys(p for name in names[1::2] for p in _prose_paragraphs(topics[name])) if p not in seen)
 
 
 def text(split: str) -> str:

@@ -123,8 +123,59 @@ def demo(
     typer.echo(hashed.stats.table())
 
 
+@app.command()
+def train(
+    output: Path = typer.Option(Path("runs/encoders"), help="Where the encoders, checkpoint and metrics.json go."),
+    model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
+    corpus_files: Optional[list[Path]] = typer.Option(
+        None, "--corpus", help="Training text: plain-text or jsonl ('text' field) files; default: built-in corpus."
+    ),
+    bits: int = typer.Option(64),
+    steps: int = typer.Option(400, help="Stage-1 optimisation steps per layer."),
+    lr: float = typer.Option(1e-2),
+    seq_len: int = typer.Option(2048, help="Tokens per training sequence."),
+    sequences: Optional[int] = typer.Option(None, help="At most this many training sequences."),
+    seed: int = typer.Option(0),
+    report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
+) -> None:
+    """Train hash encoders for a model (resumes from OUTPUT/checkpoint) and report held-out quality."""
+    import json
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    import dashkv
+    from dashkv import corpus
+    from dashkv.training.collect import collect, read_corpus, token_windows
+    from dashkv.training.train import TrainConfig, train_encoders
+
+    start = time.perf_counter()
+    cfg = TrainConfig(bits=bits, steps=steps, lr=lr, seq_len=seq_len, sequences=sequences, seed=seed)
+    lm, tok = dashkv.load_model(model)
+    text = read_corpus(corpus_files) if corpus_files else corpus.text("train")
+    windows = token_windows(tok, text, cfg.seq_len, cfg.sequences)
+    typer.echo(f"training on {len(windows)} sequences of {cfg.seq_len} tokens")
+    max_position = getattr(lm.config, "max_position_embeddings", None) if cfg.random_offsets else None
+    signals = collect(lm, windows, cfg.queries_per_sequence, cfg.min_position, cfg.seed,
+                      progress=lambda xs: tqdm(xs, desc="teacher signals"), max_position=max_position)
+    encoders = train_encoders(lm, signals, cfg, output, progress=lambda xs: tqdm(xs, desc="layers"))
+    del signals
+    seconds = time.perf_counter() - start
+    typer.echo(f"trained in {seconds / 60:.1f} min -> {output}")
+    metrics = {"train_seconds": seconds, "config": cfg.__dict__ | {"dense_layers": list(cfg.dense_layers)}}
+    if report:
+        from dashkv.training.quality_cli import held_out_report
+
+        metrics["held_out"] = held_out_report(lm, tok, encoders, cfg, echo=typer.echo)
+    (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
 def main() -> None:  # pragma: no cover - entry point
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(level=logging.WARNING)
+    hf_logging.disable_progress_bar()  # weight-loading bars drown the demo's output
     app()
 
 

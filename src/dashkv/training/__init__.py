@@ -1,0 +1,2 @@
+"""Training of the hash encoders: teacher signals, losses, the training loop. Never imported by the
+inference path."""

@@ -1,0 +1,47 @@
+"""Training losses of the hash encoders (paper: list-wise distillation + 0.1 bit balance + 0.1
+quantization)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the keys where ``mask`` is True; masked keys get ``-inf``."""
+    return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def listwise_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(P_student || P_teacher)`` over the keys of each row, averaged over rows.
+
+    The direction is the paper's: the expectation is under the student, so the student is pushed to
+    put its mass where the teacher has mass (mode seeking) rather than to cover every teacher key.
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : Tensor[..., S], float
+    mask : Tensor[..., S], bool -- keys that take part; every row needs at least one
+
+    Returns
+    -------
+    Tensor[], float
+    """
+    # masked entries are zeroed before the difference: -inf - -inf would poison the gradient
+    log_ps = masked_log_softmax(student_logits, mask).masked_fill(~mask, 0.0)
+    log_pt = masked_log_softmax(teacher_logits, mask).masked_fill(~mask, 0.0)
+    return (log_ps.exp() * mask * (log_ps - log_pt)).sum(-1).mean()
+
+
+def bit_balance(codes: torch.Tensor) -> torch.Tensor:
+    """Each bit should be +1 for half of the vectors: mean over bits of (mean over vectors)^2.
+
+    Parameters
+    ----------
+    codes : Tensor[..., N, R], relaxed codes in ``[-1, 1]``
+    """
+    return codes.mean(-2).pow(2).mean()
+
+
+def quantization(codes: torch.Tensor) -> torch.Tensor:
+    """Distance of relaxed codes from ``+-1``: ``mean((|c| - 1)^2)``."""
+    return (codes.abs() - 1).pow(2).mean()

@@ -1,0 +1,69 @@
+"""Held-out quality of encoders: attention-mass recall of the tiers against the teacher.
+
+Recall counts only keys outside the sinks and the local window (those are always kept, so they hide
+the difference between selectors): the share of the teacher's mass on that eligible set which falls
+on the keys a selector picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dashkv.encoders import LayerHashEncoder
+from dashkv.ops.reference import budget_counts, expand_kv, hamming_distance, select_smallest
+
+
+def eligible_mask(positions: torch.Tensor, length: int, sinks: int, window: int) -> torch.Tensor:
+    """Keys a query may select: ``sinks <= j <= position - window``. Tensor[n, L] bool."""
+    j = torch.arange(length).view(1, -1)
+    return (j >= sinks) & (j <= positions.view(-1, 1) - window)
+
+
+def visible_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.arange(length).view(1, -1) <= positions.view(-1, 1)
+
+
+def teacher_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Exact attention of the sampled queries: Tensor[H, n, L] from queries [H, n, D], keys [Hkv, L, D]."""
+    logits = queries @ expand_kv(keys.unsqueeze(0), queries.shape[0])[0].transpose(-1, -2) * scaling
+    visible = visible_mask(positions, keys.shape[1])
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def mass_recall(probs: torch.Tensor, selected: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``P(selected) / P(eligible)`` (rows with no eligible mass are skipped)."""
+    total = (probs * eligible).sum(-1)
+    picked = (probs * (selected & eligible)).sum(-1)
+    keep = total > 0
+    return (picked[keep] / total[keep]).mean()
+
+
+@torch.no_grad()
+def recall_at(
+    encoder: LayerHashEncoder | None,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    fraction: float,
+    sinks: int,
+    window: int,
+    scaling: float,
+) -> float:
+    """Recall of the top ``fraction`` of eligible keys by Hamming distance (``encoder``) or, with
+    ``encoder=None``, by exact ``q.k`` (the oracle).
+
+    queries [H, n, D], keys [Hkv, L, D], positions [n].
+    """
+    heads, length = queries.shape[0], keys.shape[1]
+    probs = teacher_probs(queries, keys, positions, scaling)
+    eligible = eligible_mask(positions, length, sinks, window).unsqueeze(0)  # [1, n, L]
+    k = budget_counts(eligible.sum(-1), fraction)  # [1, n]
+    if encoder is None:
+        scores = torch.where(eligible, probs, torch.full_like(probs, -1.0))
+        order = scores.argsort(dim=-1, descending=True)
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
+        selected = ranks < k.unsqueeze(-1)
+    else:
+        dist = hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])[0]
+        selected = select_smallest(dist.unsqueeze(0), eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
+    return float(mass_recall(probs, selected, eligible.expand(heads, -1, -1)))

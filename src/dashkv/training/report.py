@@ -1,0 +1,89 @@
+"""Held-out quality report of trained encoders: per layer and averaged, at one context length.
+
+- attention-mass recall of the high tier (and of high + mid) at given budgets, for the trained
+  encoders, random-projection encoders of the same bits, and oracle top-k (exact ``q.k``), counting
+  only keys outside the sinks and the local window;
+- relative error of the tiered attention output against full attention (sampled queries);
+- next-token KL of the whole model, DASH-KV against full attention, over a block of query tokens that
+  goes through the tiers after a dense prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import dashkv
+from dashkv.attention import tiered_step
+from dashkv.cache import DashKVCache
+from dashkv.config import DashKVConfig
+from dashkv.encoders import HashEncoders
+from dashkv.ops import reference as ops
+from dashkv.training.collect import LayerSignals
+from dashkv.training.quality import recall_at, teacher_probs, visible_mask
+
+
+@torch.no_grad()
+def output_error(encoder, signals: LayerSignals, config: DashKVConfig, scaling: float) -> float:
+    """Mean ``|o_tiered - o_full| / |o_full|`` over sampled queries and heads (no momentum prior)."""
+    errors = []
+    for keys, values, queries, positions in zip(signals.keys, signals.values, signals.queries, signals.positions):
+        k, v, q = keys.unsqueeze(0), values.unsqueeze(0), queries.unsqueeze(0)
+        codes, norms = encoder.encode_key(k)
+        visible = visible_mask(positions, keys.shape[1]).view(1, 1, -1, keys.shape[1])
+        tiered = tiered_step(q, k, v, codes, norms, encoder, config, visible, scaling, None, ops).output
+        full = teacher_probs(queries, keys, positions, scaling) @ ops.expand_kv(v, q.shape[1])[0]
+        errors.append(((tiered[0] - full).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-9)).mean())
+    return float(torch.stack(errors).mean())
+
+
+def layer_report(
+    encoders: HashEncoders,
+    random: HashEncoders,
+    signals: dict[int, LayerSignals],
+    config: DashKVConfig,
+    fractions: tuple[float, ...] = (0.05, 0.10),
+) -> dict:
+    """Recall and output error per non-dense layer, and their mean over layers (key ``"mean"``)."""
+    scaling = encoders.shape["head_dim"] ** -0.5
+    rows: dict = {}
+    for layer, sig in sorted(signals.items()):
+        if layer in config.dense_layers:
+            continue
+        row = {}
+        for frac in fractions:
+            tag = f"{round(frac * 100)}%"
+            mid_frac = min(1.0, frac + config.mid)
+            for name, enc in (("oracle", None), ("trained", encoders.layers[layer]), ("random", random.layers[layer])):
+                def mean_recall(f: float) -> float:
+                    return sum(
+                        recall_at(enc, q, k, p, f, config.sinks, config.window, scaling)
+                        for k, q, p in zip(sig.keys, sig.queries, sig.positions)
+                    ) / len(sig.keys)
+
+                row[f"{name}_high@{tag}"] = mean_recall(frac)
+                row[f"{name}_high+mid@{tag}"] = mean_recall(mid_frac)
+        if sig.values:
+            row["output_error_trained"] = output_error(encoders.layers[layer], sig, config, scaling)
+            row["output_error_random"] = output_error(random.layers[layer], sig, config, scaling)
+        rows[layer] = row
+    keys = next(iter(rows.values())).keys()
+    rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
+    return rows
+
+
+def gap_closed(mean_row: dict, tag: str = "5%") -> float:
+    """Share of the random -> oracle recall gap the trained encoders close at the high tier."""
+    oracle, trained, random = (mean_row[f"{n}_high@{tag}"] for n in ("oracle", "trained", "random"))
+    return (trained - random) / max(oracle - random, 1e-9)
+
+
+@torch.no_grad()
+def next_token_kl(model, ids: torch.Tensor, encoders: HashEncoders, config: DashKVConfig, tail: int = 32) -> float:
+    """Mean ``KL(P_full || P_dashkv)`` of the next-token distributions over the last ``tail`` tokens of
+    ``ids`` [1, L]: the first ``L - tail`` are prefilled densely, the tail goes through the tiers."""
+    full = model(ids).logits[0, -tail:].log_softmax(-1)
+    cache = DashKVCache(encoders, config.dense_layers)
+    with dashkv.enable(model, encoders, config):
+        model(ids[:, :-tail], past_key_values=cache)
+        hashed = model(ids[:, -tail:], past_key_values=cache).logits[0].log_softmax(-1)
+    return float((full.exp() * (full - hashed)).sum(-1).mean())

@@ -1,0 +1,284 @@
+"""Train DASH-KV hash encoders for a model, layer by layer, from full-attention teacher signals.
+
+Stage 1 (per layer): list-wise distillation ``KL(P_student || P_teacher)`` over the keys a query may
+select (outside sinks and window), with the student's scores the asymmetric-temperature dot product
+of relaxed codes ``tanh(beta v)``, beta annealed 1 -> 10; plus 0.1 bit balance and 0.1 quantization.
+Stage 2 (per layer): with the codes fixed, fit the mid-tier temperature, bias and residual bit weights
+so that estimated logits match exact ones where the teacher puts mass, then choose the calibration
+discounts (whole bits) that maximise high-tier recall on the training signals.
+
+Layers are independent, so training is resumable per layer: after each layer the encoders and the
+list of finished layers are written to ``<output>/checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dashkv.calibration import calibrate, consensus_mask, momentum_mask
+from dashkv.codes import beta_schedule
+from dashkv.encoders import HashEncoders, LayerHashEncoder
+from dashkv.ops import reference as ops
+from dashkv.ops.reference import MidTierInputs, budget_counts, expand_kv, hamming_distance
+from dashkv.training.collect import LayerSignals
+from dashkv.training.losses import bit_balance, listwise_distillation, quantization
+from dashkv.training.quality import eligible_mask, mass_recall, teacher_probs, visible_mask
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+DISCOUNT_GRID = (0, -2, -4, -8)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``dashkv train`` (defaults sized for SmolLM2-135M on 2 CPU cores, < 20 minutes)."""
+
+    bits: int = 64
+    steps: int = 300
+    lr: float = 1e-2
+    seq_len: int = 2048
+    sequences: int | None = None
+    queries_per_sequence: int = 128
+    queries_per_step: int = 64
+    min_position: int = 512
+    sinks: int = 4
+    window: int = 64
+    high: float = 0.05
+    mid: float = 0.15
+    balance_weight: float = 0.1
+    quant_weight: float = 0.1
+    beta_start: float = 1.0
+    beta_end: float = 10.0
+    random_offsets: bool = True
+    stage2_steps: int = 40
+    discount_sequences: int = 3
+    dense_layers: tuple[int, ...] = field(default=(0,))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.dense_layers = tuple(self.dense_layers)
+        for name in ("steps", "seq_len", "queries_per_sequence"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if not self.sinks + self.window < self.min_position < self.seq_len:
+            raise ValueError(
+                f"min_position={self.min_position} must lie between sinks + window ({self.sinks + self.window}) "
+                f"and seq_len ({self.seq_len}) so every sampled query has keys to select"
+            )
+
+
+@torch.no_grad()
+def whitened_start(encoder: LayerHashEncoder, keys: torch.Tensor, eps: float = 1e-4) -> None:
+    """Data-driven starting point: key centre = mean key, and the random projections moved into the
+    whitened key space (``W_k <- W_k C^-1/2``, query skip ``<- W_k C^1/2``), which keeps ``q.k`` and
+    makes SimHash rank by a dot product whose key norms are evened out.
+
+    keys : Tensor[N, Hkv, L, D]
+    """
+    center = keys.mean(dim=(0, 2))
+    encoder.key_center.copy_(center)
+    groups = encoder.num_heads // encoder.num_kv_heads
+    for h in range(encoder.num_kv_heads):
+        centred = (keys[:, h] - center[h]).reshape(-1, keys.shape[-1])
+        cov = centred.T @ centred / centred.shape[0] + eps * torch.eye(keys.shape[-1])
+        values, vectors = torch.linalg.eigh(cov)
+        projection = encoder.key_proj[h].clone()
+        encoder.key_proj[h] = projection @ (vectors * values.rsqrt()) @ vectors.T
+        encoder.query_skip[h * groups : (h + 1) * groups] = projection @ (vectors * values.sqrt()) @ vectors.T
+
+
+def train_layer_codes(
+    encoder: LayerHashEncoder, signals: LayerSignals, cfg: TrainConfig, scaling: float, generator: torch.Generator
+) -> float:
+    """Stage 1 for one layer; returns the mean loss of the last tenth of the steps."""
+    keys, queries, positions = signals.stacked()
+    heads = queries.shape[1]
+    whitened_start(encoder, keys)
+    temperature = torch.nn.Parameter(torch.full((heads,), math.sqrt(cfg.bits)))  # asymmetric: student side only
+    params = [p for n, p in encoder.named_parameters() if n.startswith(("query_", "key_proj"))]
+    optimizer = torch.optim.Adam(params + [temperature], lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    length = keys.shape[2]
+    losses = []
+    for step in range(cfg.steps):
+        i = int(torch.randint(len(keys), (1,), generator=generator))
+        rows = torch.randperm(queries.shape[2], generator=generator)[: cfg.queries_per_step]
+        q = queries[i][:, rows]
+        beta = beta_schedule(step, cfg.steps, cfg.beta_start, cfg.beta_end)
+        code_q = torch.tanh(beta * encoder.query_projection(q.unsqueeze(0)))[0]  # [H, n, R]
+        code_k = torch.tanh(beta * encoder.key_projection(keys[i : i + 1]))[0]  # [Hkv, L, R]
+        student = temperature.view(-1, 1, 1) * (code_q @ expand_kv(code_k.unsqueeze(0), heads)[0].transpose(-1, -2))
+        student = student / cfg.bits
+        teacher = q @ expand_kv(keys[i : i + 1], heads)[0].transpose(-1, -2) * scaling
+        mask = eligible_mask(positions[i][rows], length, cfg.sinks, cfg.window).expand(heads, -1, -1)
+        loss = listwise_distillation(student, teacher, mask)
+        loss = loss + cfg.balance_weight * (bit_balance(code_q.reshape(-1, cfg.bits)) + bit_balance(code_k.reshape(-1, cfg.bits)))
+        loss = loss + cfg.quant_weight * (quantization(code_q) + quantization(code_k))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    tail = losses[-max(1, cfg.steps // 10) :]
+    return sum(tail) / len(tail)
+
+
+def _layer_view(signals: LayerSignals, i: int, encoder: LayerHashEncoder, scaling: float):
+    keys, queries, positions = signals.keys[i], signals.queries[i], signals.positions[i]
+    codes, norms = encoder.encode_key(keys.unsqueeze(0))
+    query_codes = encoder.encode_query(queries.unsqueeze(0))
+    dist = hamming_distance(query_codes, codes)
+    probs = teacher_probs(queries, keys, positions, scaling).unsqueeze(0)
+    return keys, queries, positions, codes, norms, query_codes, dist, probs
+
+
+def fit_mid_tier(encoder: LayerHashEncoder, signals: LayerSignals, cfg: TrainConfig, scaling: float) -> float:
+    """Stage 2a: temperature, bias and residual so estimated logits match exact ones (teacher-weighted
+    squared error over the keys a query may select, after the per-query anchoring to high keys)."""
+    params = [encoder.mid_temperature, encoder.mid_bias, encoder.residual]
+    optimizer = torch.optim.Adam(params, lr=0.02)
+    views = [_layer_view(signals, i, encoder, scaling) for i in range(len(signals.keys))]
+    last = 0.0
+    for step in range(cfg.stage2_steps):
+        keys, queries, positions, codes, norms, query_codes, dist, probs = views[step % len(views)]
+        heads = queries.shape[0]
+        q = queries.unsqueeze(0)
+        center = expand_kv(encoder.key_center.unsqueeze(0), heads)[0]
+        mid = MidTierInputs(dist, query_codes, codes, cfg.bits, q.norm(dim=-1), norms,
+                            torch.einsum("bhtd,hd->bht", q, center), encoder.mid_temperature, encoder.mid_bias,
+                            encoder.residual)
+        estimate = ops.mid_tier_logits(mid, scaling)
+        exact = q @ expand_kv(keys.unsqueeze(0), heads).transpose(-1, -2) * scaling
+        eligible = eligible_mask(positions, keys.shape[1], cfg.sinks, cfg.window).view(1, 1, *dist.shape[2:])
+        k_high = budget_counts(eligible.sum(-1), cfg.high)
+        high = ops.select_smallest(dist, eligible, k_high, 0, cfg.bits)
+        tiers = torch.where(high, ops.HIGH, ops.MID).to(torch.int8)
+        shifted = estimate + ops.anchor_offset(exact, estimate, tiers)
+        weight = probs * eligible * ~high
+        loss = (weight * (shifted - exact).pow(2)).sum() / weight.sum().clamp(min=1e-9)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        last = loss.item()
+    return last
+
+
+@torch.no_grad()
+def high_recall(
+    encoder: LayerHashEncoder,
+    views: list,
+    cfg: TrainConfig,
+    prior: list[torch.Tensor] | None = None,
+    spatial: float = 0.0,
+    temporal: float = 0.0,
+) -> float:
+    """Mean high-tier recall of the layer with the given discounts over precomputed ``_layer_view``s
+    (prior: previous layer's teacher attention per sequence, Tensor[1, n, L])."""
+    total = 0.0
+    for i, (keys, queries, positions, codes, norms, query_codes, dist, probs) in enumerate(views):
+        length = keys.shape[1]
+        eligible = eligible_mask(positions, length, cfg.sinks, cfg.window).view(1, 1, -1, length)
+        visible = visible_mask(positions, length).view(1, 1, -1, length)
+        k_high = budget_counts(eligible.sum(-1), cfg.high)
+        space = consensus_mask(dist, eligible, k_high, cfg.bits, 0.5, ops) if spatial else None
+        time_ = momentum_mask(prior[i], visible, 4.0) if temporal and prior is not None else None
+        final, lo = calibrate(dist, space, time_, spatial, temporal)
+        selected = ops.select_smallest(final, eligible, k_high, lo, cfg.bits)
+        total += float(mass_recall(probs, selected, eligible.expand_as(probs)))
+    return total / len(views)
+
+
+def choose_discounts(
+    encoder: LayerHashEncoder, signals: LayerSignals, cfg: TrainConfig, scaling: float, prior: list[torch.Tensor] | None
+) -> tuple[float, float]:
+    """Stage 2b: the whole-bit discounts that maximise high-tier recall (coordinate search on a few
+    training sequences)."""
+    count = min(len(signals.keys), cfg.discount_sequences)
+    views = [_layer_view(signals, i, encoder, scaling) for i in range(count)]
+    prior = prior[:count] if prior is not None else None
+    spatial = max(DISCOUNT_GRID, key=lambda s: high_recall(encoder, views, cfg, None, s, 0.0))
+    temporal = 0.0
+    if prior is not None:
+        temporal = max(DISCOUNT_GRID, key=lambda t: high_recall(encoder, views, cfg, prior, spatial, t))
+    with torch.no_grad():
+        encoder.spatial_discount.fill_(float(spatial))
+        encoder.temporal_discount.fill_(float(temporal))
+    return float(spatial), float(temporal)
+
+
+def layer_prior(signals: LayerSignals, scaling: float) -> list[torch.Tensor]:
+    """Teacher attention of a layer averaged over heads, per sequence: the momentum prior of the next."""
+    return [
+        teacher_probs(signals.queries[i], signals.keys[i], signals.positions[i], scaling).mean(0, keepdim=True)
+        for i in range(len(signals.keys))
+    ]
+
+
+def save_checkpoint(encoders: HashEncoders, done: dict, directory: Path) -> None:
+    path = directory / CHECKPOINT
+    encoders.save_pretrained(path)
+    (path / "progress.json").write_text(json.dumps(done, indent=2) + "\n")
+
+
+def load_checkpoint(directory: Path) -> tuple[HashEncoders, dict] | None:
+    path = directory / CHECKPOINT
+    if not (path / "progress.json").is_file():
+        return None
+    return HashEncoders.from_pretrained(path), json.loads((path / "progress.json").read_text())
+
+
+def train_encoders(
+    model,
+    train_signals: dict[int, LayerSignals],
+    cfg: TrainConfig,
+    output: Path,
+    progress=None,
+) -> HashEncoders:
+    """Train every non-dense layer's encoders; resume from ``output/checkpoint`` when present."""
+    output = Path(output)
+    torch.manual_seed(cfg.seed)
+    resumed = load_checkpoint(output)
+    if resumed is not None:
+        encoders, done = resumed
+        encoders.check_compatible(model)
+        logger.info("resuming: %d layers already trained", len(done))
+    else:
+        encoders, done = HashEncoders.random(model, bits=cfg.bits, seed=cfg.seed), {}
+    scaling = encoders.shape["head_dim"] ** -0.5
+    layers = [i for i in range(encoders.shape["num_layers"]) if i not in cfg.dense_layers]
+    iterator = progress(layers) if progress is not None else layers
+    for layer in iterator:
+        if str(layer) in done:
+            continue
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + layer)
+        encoder = encoders.layers[layer]
+        encoder.train()
+        loss = train_layer_codes(encoder, train_signals[layer], cfg, scaling, generator)
+        encoder.eval()
+        mid_error = fit_mid_tier(encoder, train_signals[layer], cfg, scaling)
+        prior = layer_prior(train_signals[layer - 1], scaling) if layer - 1 in train_signals else None
+        spatial, temporal = choose_discounts(encoder, train_signals[layer], cfg, scaling, prior)
+        done[str(layer)] = {
+            "distill_loss": loss,
+            "mid_logit_mse": mid_error,
+            "spatial_discount": spatial,
+            "temporal_discount": temporal,
+            "seconds": time.perf_counter() - start,
+        }
+        if hasattr(iterator, "set_postfix"):
+            iterator.set_postfix(layer=layer, loss=f"{loss:.3f}")
+        save_checkpoint(encoders, done, output)
+    encoders.save_pretrained(output)
+    shutil.rmtree(output / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
+    (output / "training.json").write_text(json.dumps({"config": asdict(cfg), "layers": done}, indent=2) + "\n")
+    return encoders

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from dashkv.training.collect import collect, read_corpus, sample_positions, token_windows
+from dashkv.training.quality import teacher_probs
+
+
+def test_random_offsets_rotate_vectors_but_keep_the_teacher(tiny_qwen2):
+    ids = [torch.randint(3, 97, (96,), generator=torch.Generator().manual_seed(0))]
+    plain = collect(tiny_qwen2, ids, 16, 32, seed=0)
+    shifted = collect(tiny_qwen2, ids, 16, 32, seed=0, max_position=512)
+    assert set(plain) == {0, 1, 2}
+    for layer in plain:
+        a, b = plain[layer], shifted[layer]
+        assert torch.equal(a.positions[0], b.positions[0])
+        assert not torch.allclose(a.keys[0], b.keys[0])  # post-RoPE vectors moved ...
+        pa = teacher_probs(a.queries[0], a.keys[0], a.positions[0], 0.25)
+        pb = teacher_probs(b.queries[0], b.keys[0], b.positions[0], 0.25)
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5)  # ... the attention did not
+    assert tiny_qwen2.config._attn_implementation == "sdpa"
+
+
+def test_sample_positions_and_windows():
+    gen = torch.Generator().manual_seed(0)
+    pos = sample_positions(100, 10, 40, gen)
+    assert pos.numel() == 10 and pos.min() >= 40 and pos.max() < 100 and torch.equal(pos, pos.sort().values)
+    with pytest.raises(ValueError, match="no query position"):
+        sample_positions(10, 5, 20, gen)
+
+
+def test_read_corpus_plain_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "b.jsonl").write_text('{"text": "first"}\n\n{"text": "second"}\n')
+    assert read_corpus([tmp_path / "a.txt", tmp_path / "b.jsonl"]) == "plain text\n\nfirst\n\nsecond"
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="c.jsonl:1"):
+        read_corpus([tmp_path / "c.jsonl"])
+    with pytest.raises(FileNotFoundError):
+        read_corpus([tmp_path / "missing.txt"])
+
+
+def test_token_windows_cut_and_refuse_short_text(default_model):
+    _, tok = default_model
+    windows = token_windows(tok, "word " * 300, 64)
+    assert len(windows) >= 4 and all(w.numel() == 64 for w in windows)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(tok, "short", 64)

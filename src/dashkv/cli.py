@@ -171,6 +171,33 @@ def train(
     (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
+bench_app = typer.Typer(help="Benchmarks against dense attention, timed in the same run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("attention")
+def bench_attention(
+    output: Path = typer.Option(Path("runs/bench"), help="Folder for attention.json and attention.png."),
+    sizes: str = typer.Option("1024,4096,16384,32768,65536,131072", help="Comma-separated cache lengths S."),
+    shapes: str = typer.Option("smollm2,llama3-8b", help="Comma-separated head shapes."),
+    repeats: int = typer.Option(15),
+    threads: int = typer.Option(2),
+) -> None:
+    """Decode-step attention latency: dense SDPA vs DASH-KV at growing cache lengths."""
+    from tqdm import tqdm
+
+    from dashkv.bench import attention
+
+    chosen = tuple(s.strip() for s in shapes.split(","))
+    unknown = [s for s in chosen if s not in attention.SHAPES]
+    if unknown:
+        raise typer.BadParameter(f"shapes {unknown} are not known; choose from {sorted(attention.SHAPES)}")
+    results = attention.run(tuple(int(s) for s in sizes.split(",")), chosen, repeats=repeats, threads=threads,
+                            output=output, progress=lambda xs: tqdm(xs, desc="cases"))
+    typer.echo(attention.table(results))
+    typer.echo(f"\nwrote {output / 'attention.json'} and {output / 'attention.png'}")
+
+
 def main() -> None:  # pragma: no cover - entry point
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,1 @@
+"""Benchmarks: programs that time DASH-KV against dense attention in the same run (never timed tests)."""

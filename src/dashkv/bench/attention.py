@@ -1,0 +1,195 @@
+"""Decode-step attention latency: dense SDPA against DASH-KV, timed in the same run.
+
+For each cache length S and head shape, one decode token (T = 1), fp32: dense
+``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (distances, tiers and tiered
+attention, ``ops.cpu.dash_attention``) and the whole method step (``attention.tiered_step``: query
+encoding, distances, consensus, tiers, attention). Timings interleave the methods, repeat, and report
+median and min-max. Also: the machine's read bandwidth measured in the same run, the GB/s of the
+code scan alone, and the cost of encoding a query and of coding one new key.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dashkv.attention import always_high, tiered_step, visibility
+from dashkv.config import DashKVConfig
+from dashkv.encoders import LayerHashEncoder
+from dashkv.ops.reference import budget_counts
+
+SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
+SIZES = (1024, 4096, 16384, 32768, 65536, 131072)
+
+
+@dataclass
+class Timing:
+    """Milliseconds over repeats: median, min, max."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Timing":
+        ms = [s * 1e3 for s in samples]
+        return cls(statistics.median(ms), min(ms), max(ms))
+
+
+def _time(fns: dict, repeats: int, warmup: int) -> dict[str, Timing]:
+    """Run every function ``warmup`` times, then ``repeats`` rounds interleaving them (shared noise)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing.of(s) for name, s in samples.items()}
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of summing a large fp32 tensor (a streaming read), best of ``repeats``."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    best = min(_timed(lambda: data.sum()) for _ in range(repeats))
+    return data.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup: int, seed: int = 0) -> dict:
+    """Time one (shape, S) case; returns a JSON-ready dict."""
+    from dashkv.ops import cpu
+
+    heads, kv_heads, dim = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, heads, 1, dim, generator=gen)
+    key = torch.randn(1, kv_heads, seq, dim, generator=gen)
+    value = torch.randn(1, kv_heads, seq, dim, generator=gen)
+    encoder = LayerHashEncoder(heads, kv_heads, dim, config.bits).eval()
+    with torch.no_grad():
+        encoder.key_proj.normal_(generator=gen)
+        encoder.query_skip.copy_(encoder.key_proj.repeat_interleave(heads // kv_heads, dim=0))
+    codes, norms = encoder.encode_key(key)
+    query_codes = encoder.encode_query(query)
+    visible = visibility(1, 1, seq, None, query.device)
+    always = always_high(visible, config.sinks, config.window)
+    n = (visible & ~always).sum(-1)
+    k_high = budget_counts(n, config.high)
+    k_mid = budget_counts(n, config.high + config.mid) - k_high
+    scaling = dim**-0.5
+
+    def dense():
+        torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+
+    def fused():
+        cpu.dash_attention(query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always)
+
+    def method():
+        tiered_step(query, key, value, codes, norms, encoder, config, visible, scaling, None, cpu)
+
+    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_step": method}
+    timings = _time(fns, repeats, warmup)
+    scan = Timing.of([_timed(lambda: cpu.hamming_distance(query_codes, codes)) for _ in range(repeats)])
+    encode_query = Timing.of([_timed(lambda: encoder.encode_query(query)) for _ in range(repeats)])
+    new_key = key[:, :, :1]
+    encode_key = Timing.of([_timed(lambda: encoder.encode_key(new_key)) for _ in range(repeats)])
+    code_bytes = codes.numel() * 8
+    return {
+        "shape": shape,
+        "seq": seq,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": dim,
+        **{name: asdict(t) for name, t in timings.items()},
+        "speedup_fused": timings["sdpa"].median / timings["dashkv_fused"].median,
+        "speedup_step": timings["sdpa"].median / timings["dashkv_step"].median,
+        "code_scan_ms": asdict(scan),
+        "code_scan_gbps": code_bytes / (scan.median / 1e3) / 1e9,
+        "encode_query_ms": asdict(encode_query),
+        "encode_new_key_ms": asdict(encode_key),
+    }
+
+
+def run(
+    sizes: tuple[int, ...] = SIZES,
+    shapes: tuple[str, ...] = ("smollm2", "llama3-8b"),
+    repeats: int = 15,
+    warmup: int = 3,
+    threads: int = 2,
+    output: Path | None = None,
+    progress=None,
+    bandwidth_mb: int = 512,
+) -> dict:
+    """The whole benchmark; writes ``attention.json`` and ``attention.png`` to ``output`` if given."""
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    config = DashKVConfig(bits=64, high=0.05, mid=0.15, consensus=True, momentum=False)
+    cases = [(shape, seq) for shape in shapes for seq in sizes]
+    iterator = progress(cases) if progress is not None else cases
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads,
+                    "torch": torch.__version__, "read_bandwidth_gbps": read_bandwidth(bandwidth_mb)},
+        "config": config.to_dict(),
+        "cases": [bench_case(shape, seq, config, repeats, warmup) for shape, seq in iterator],
+    }
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, output / "attention.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    """Log-log time against S, one panel per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({c["shape"] for c in results["cases"]})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        cases = [c for c in results["cases"] if c["shape"] == shape]
+        seqs = [c["seq"] for c in cases]
+        for name, label in (("sdpa", "dense SDPA"), ("dashkv_fused", "DASH-KV fused kernel"),
+                            ("dashkv_step", "DASH-KV method step")):
+            ax.loglog(seqs, [c[name]["median"] for c in cases], marker="o", label=label)
+        ax.set_title(f"{shape}: one decode token, fp32, {results['machine']['threads']} threads")
+        ax.set_xlabel("keys in cache (S)")
+        ax.set_ylabel("ms (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    """Markdown table of the cases."""
+    lines = ["| shape | S | SDPA ms | fused ms | step ms | fused × | step × | scan GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in results["cases"]:
+        lines.append(
+            f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
+            f"{c['dashkv_step']['median']:.2f} | {c['speedup_fused']:.1f} | {c['speedup_step']:.1f} | "
+            f"{c['code_scan_gbps']:.1f} |"
+        )
+    bw = results["machine"]["read_bandwidth_gbps"]
+    lines.append(f"\nread bandwidth measured in the same run: {bw:.1f} GB/s")
+    return "\n".join(lines)

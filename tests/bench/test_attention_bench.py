@@ -1,0 +1,17 @@
+import json
+
+from dashkv.bench import attention
+
+
+def test_bench_writes_json_and_plot_with_a_dense_baseline(tmp_path):
+    results = attention.run(sizes=(300, 700), shapes=("smollm2",), repeats=2, warmup=1, output=tmp_path,
+                            bandwidth_mb=8)
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["machine"]["read_bandwidth_gbps"] > 0
+    assert [c["seq"] for c in saved["cases"]] == [300, 700]
+    for case in saved["cases"]:
+        for name in ("sdpa", "dashkv_fused", "dashkv_step"):
+            assert 0 < case[name]["low"] <= case[name]["median"] <= case[name]["high"]
+        assert case["speedup_fused"] == case["sdpa"]["median"] / case["dashkv_fused"]["median"]
+    assert (tmp_path / "attention.png").stat().st_size > 10_000
+    assert "| smollm2 | 700 |" in attention.table(results)

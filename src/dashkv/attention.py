@@ -183,11 +183,11 @@ class DashKVRuntime:
         cfg = self.config
         batch, heads, queries, _ = query.shape
         keys = key.shape[-2]
-        ops = get_backend(cfg.backend, query.device)
-        visible = visibility(batch, queries, keys, attention_mask, query.device)
         if keys == queries and cfg.prefill == "dense":
             self.stats.record_dense(layer_idx)
             return _sdpa(query, key, value, attention_mask, scaling)
+        ops = get_backend(cfg.backend, query.device)
+        visible = visibility(batch, queries, keys, attention_mask, query.device)
         if layer_idx in cfg.dense_layers:
             self.stats.record_dense(layer_idx)
             result = dense_step(query, key, value, visible, scaling, ops)

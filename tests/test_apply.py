@@ -118,3 +118,10 @@ def test_skipped_key_is_reactivated_at_next_step(tiny_qwen2):
     toward = tiered_step(target, key, value, codes, norms, enc, cfg, visible, 0.25)
     assert (away.tiers[..., 30] == LOW).all() and (away.probs[..., 30] == 0).all()
     assert (toward.tiers[..., 30] == HIGH).all() and (toward.probs[..., 30] > 0).all()
+
+
+def test_enable_without_encoders_says_how_to_get_them(tiny_qwen2):
+    with pytest.raises(ValueError, match="no shipped encoders.*HashEncoders.random"):
+        with dashkv.enable(tiny_qwen2):
+            pass
+    assert tiny_qwen2.config._attn_implementation == "sdpa" and not tiny_qwen2._forward_pre_hooks

@@ -27,15 +27,25 @@ def test_tiny_qwen2_gqa_generates_under_dashkv(tiny_qwen2):
     assert all(layer.codes.shape[-2] == 131 for layer in cache.layers)
 
 
-def test_full_config_equals_full_attention_logits(tiny_qwen2):
+@pytest.mark.parametrize("dense_layers", [(), (0,)])
+@pytest.mark.parametrize("momentum", [False, True])
+def test_full_config_equals_full_attention_logits(tiny_qwen2, dense_layers, momentum):
     enc = HashEncoders.random(tiny_qwen2, bits=64, seed=0)
     ids = _ids(80, seed=1)
     with torch.no_grad():
         dense = tiny_qwen2(ids).logits
         for prefill in ("dense", "tiered"):
-            with dashkv.enable(tiny_qwen2, enc, DashKVConfig.full(prefill=prefill, chunk_size=16, dense_layers=())):
+            cfg = DashKVConfig.full(prefill=prefill, chunk_size=16, dense_layers=dense_layers, momentum=momentum)
+            with dashkv.enable(tiny_qwen2, enc, cfg):
                 tiered = tiny_qwen2(ids).logits
             torch.testing.assert_close(tiered, dense, rtol=1e-4, atol=1e-4)
+        # a question block over a cached prefix, through the tiers (and SDPA with a mask on dense layers)
+        cfg = DashKVConfig.full(dense_layers=dense_layers, momentum=momentum)
+        cache = DashKVCache(enc, dense_layers)
+        with dashkv.enable(tiny_qwen2, enc, cfg):
+            tiny_qwen2(ids[:, :60], past_key_values=cache)
+            block = tiny_qwen2(ids[:, 60:], past_key_values=cache).logits
+        torch.testing.assert_close(block, dense[:, 60:], rtol=1e-4, atol=1e-4)
 
 
 def test_enable_restores_the_model_exactly(tiny_qwen2):

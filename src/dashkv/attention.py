@@ -183,16 +183,17 @@ class DashKVRuntime:
         cfg = self.config
         batch, heads, queries, _ = query.shape
         keys = key.shape[-2]
-        if keys == queries and cfg.prefill == "dense":
+        dense_layer = layer_idx in cfg.dense_layers
+        # exact SDPA unless the weights are needed: the dense prefill, and dense layers without momentum
+        if (keys == queries and cfg.prefill == "dense") or (dense_layer and not cfg.momentum):
             self.stats.record_dense(layer_idx)
             return _sdpa(query, key, value, attention_mask, scaling)
         ops = get_backend(cfg.backend, query.device)
         visible = visibility(batch, queries, keys, attention_mask, query.device)
-        if layer_idx in cfg.dense_layers:
+        if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
             self.stats.record_dense(layer_idx)
             result = dense_step(query, key, value, visible, scaling, ops)
-            if cfg.momentum:
-                self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
+            self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
             return result.output.transpose(1, 2)
 
         encoder = self.encoders.layers[layer_idx]

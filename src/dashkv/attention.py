@@ -18,11 +18,18 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from dashkv.calibration import calibrate, consensus_mask, momentum_mask, update_prior
+from dashkv.calibration import (
+    calibrate,
+    consensus_mask,
+    momentum_mask,
+    update_prior,
+    vote_threshold,
+    whole_bits,
+)
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders, LayerHashEncoder
 from dashkv.ops.dispatch import get_backend
-from dashkv.ops.reference import HIDDEN, HIGH, MidTierInputs, budget_counts, expand_kv
+from dashkv.ops.reference import HIDDEN, HIGH, LOW, MidTierInputs, budget_counts, expand_kv, select_largest
 from dashkv.stats import TierStats
 
 logger = logging.getLogger(__name__)
@@ -88,13 +95,15 @@ def tiered_step(
     key_codes : Tensor[B, Hkv, S, W], int64 ; key_norms : Tensor[B, Hkv, S], float32
     visible : Tensor[B, 1, T, S], bool
     prior : Tensor[B, T, S] float32 or None -- cross-layer attention prior of this step
-    ops : kernel backend (default: ``config.backend``)
+    ops : kernel backend (default: ``config.backend``); one with ``dash_attention`` (the numba CPU
+        backend) runs distances, calibration, tiers and attention as one fused kernel
     """
     ops = ops or get_backend(config.backend, query.device)
+    if config.selector == "oracle":
+        return oracle_step(query, key, value, config, visible, scaling, ops)
     bits = config.bits
     q32 = query.to(torch.float32)
     query_codes = encoder.encode_query(q32)
-    raw = ops.hamming_distance(query_codes, key_codes)
 
     always = always_high(visible, config.sinks, config.window)
     eligible = visible & ~always
@@ -102,21 +111,16 @@ def tiered_step(
     k_high = budget_counts(n_eligible, config.high)
     k_mid = budget_counts(n_eligible, config.high + config.mid) - k_high
 
-    spatial = temporal = None
-    if config.consensus:
-        spatial = consensus_mask(raw, eligible, k_high, bits, config.vote_fraction, ops)
+    temporal = None
     if config.momentum and prior is not None and prior.shape[-1] == key.shape[-2]:
         temporal = momentum_mask(prior, visible, config.momentum_ratio)
     ds = config.spatial_discount if config.spatial_discount is not None else encoder.spatial_discount.item()
     dt = config.temporal_discount if config.temporal_discount is not None else encoder.temporal_discount.item()
-    dist, lo = calibrate(raw, spatial, temporal, ds, dt)
-
-    tiers = ops.assign_tiers(dist, visible, always, k_high, k_mid, lo, bits)
     mid = None
     if config.mid > 0:
         center = expand_kv(encoder.key_center.unsqueeze(0), query.shape[1])  # [1, H, D]
         mid = MidTierInputs(
-            dist=raw,
+            dist=None,  # the raw distances, filled in below (the fused kernel computes its own)
             query_codes=query_codes,
             key_codes=key_codes,
             bits=bits,
@@ -127,7 +131,43 @@ def tiered_step(
             bias=encoder.mid_bias.detach(),
             residual=encoder.residual.detach(),
         )
-    output, probs = ops.tiered_attention(query, key, value, tiers, scaling, mid)
+    fused = getattr(ops, "dash_attention", None)
+    if fused is not None:  # the same steps in one kernel, without [B, H, T, S] intermediates
+        votes = vote_threshold(query.shape[1], config.vote_fraction) if config.consensus else 0
+        output, probs, tiers = fused(
+            query, key, value, query_codes, key_codes, k_high, k_mid, scaling, visible, always, mid,
+            return_probs=True, return_tiers=True, bits=bits, min_votes=votes, spatial_step=whole_bits(ds),
+            temporal=temporal, temporal_step=whole_bits(dt),
+        )  # fmt: skip
+        return StepResult(output, probs, tiers)
+
+    raw = ops.hamming_distance(query_codes, key_codes)
+    spatial = consensus_mask(raw, eligible, k_high, bits, config.vote_fraction, ops) if config.consensus else None
+    dist, lo = calibrate(raw, spatial, temporal, ds, dt)
+    tiers = ops.assign_tiers(dist, visible, always, k_high, k_mid, lo, bits)
+    output, probs = ops.tiered_attention(query, key, value, tiers, scaling, mid and mid._replace(dist=raw))
+    return StepResult(output, probs, tiers)
+
+
+def oracle_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: DashKVConfig,
+    visible: torch.Tensor,
+    scaling: float,
+    ops: ModuleType,
+) -> StepResult:
+    """Oracle top-k: the high tier is the ``config.high`` share of eligible keys with the largest exact
+    ``q.k``, plus sinks and window; everything else is skipped. The ceiling of any key selector at that
+    budget (it reads every key, so it saves nothing; evaluation only)."""
+    always = always_high(visible, config.sinks, config.window)
+    eligible = visible & ~always
+    k_high = budget_counts(eligible.sum(-1), config.high)
+    exact = query.to(torch.float32) @ expand_kv(key, query.shape[1]).to(torch.float32).transpose(-1, -2)
+    high = select_largest(exact, eligible, k_high) | always
+    tiers = torch.where(high, HIGH, torch.where(visible, LOW, HIDDEN)).to(torch.int8)
+    output, probs = ops.tiered_attention(query, key, value, tiers, scaling, None)
     return StepResult(output, probs, tiers)
 
 

@@ -33,9 +33,18 @@ def consensus_mask(
     -------
     Tensor[B, 1, T, S], bool
     """
-    heads = raw_dist.shape[1]
     votes = ops.select_smallest(raw_dist, eligible, k_high, 0, bits).sum(1, keepdim=True)
-    return votes >= max(1, math.ceil(vote_fraction * heads - 1e-9))
+    return votes >= vote_threshold(raw_dist.shape[1], vote_fraction)
+
+
+def vote_threshold(heads: int, vote_fraction: float) -> int:
+    """Votes a key needs for the spatial discount: ``ceil(vote_fraction * H)``, at least one."""
+    return max(1, math.ceil(vote_fraction * heads - 1e-9))
+
+
+def whole_bits(discount: float) -> int:
+    """A learned discount as applied: rounded to whole bits, never positive."""
+    return int(round(min(discount, 0.0)))
 
 
 def update_prior(prior: torch.Tensor | None, probs: torch.Tensor, decay: float) -> torch.Tensor:
@@ -93,7 +102,7 @@ def calibrate(
     """
     dist, lo = raw_dist, 0
     for mask, discount in ((spatial, spatial_discount), (temporal, temporal_discount)):
-        step = int(round(min(discount, 0.0)))
+        step = whole_bits(discount)
         if mask is not None and step != 0:
             dist = dist + mask.to(torch.int32) * step
             lo += step

@@ -134,7 +134,7 @@ def train(
     steps: int = typer.Option(400, help="Stage-1 optimisation steps per layer."),
     lr: float = typer.Option(1e-2),
     seq_len: int = typer.Option(2048, help="Tokens per training sequence."),
-    sequences: Optional[int] = typer.Option(None, help="At most this many training sequences."),
+    sequences: int = typer.Option(64, help="Training sequences, evenly spread over the corpus."),
     seed: int = typer.Option(0),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
 ) -> None:
@@ -171,6 +171,10 @@ def train(
     (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
+from dashkv.eval.command import eval_command  # noqa: E402  (imports nothing heavy at module level)
+
+app.command("eval")(eval_command)
+
 bench_app = typer.Typer(help="Benchmarks against dense attention, timed in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -196,6 +200,30 @@ def bench_attention(
                             output=output, progress=lambda xs: tqdm(xs, desc="cases"))
     typer.echo(attention.table(results))
     typer.echo(f"\nwrote {output / 'attention.json'} and {output / 'attention.png'}")
+
+
+@bench_app.command("generate")
+def bench_generate(
+    output: Path = typer.Option(Path("runs/bench"), help="Folder for generate.json."),
+    lengths: str = typer.Option("2048,4096,8192", help="Comma-separated context lengths in tokens."),
+    new_tokens: int = typer.Option(32, help="Tokens decoded per case (the first comes from the prefill)."),
+    model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
+    threads: int = typer.Option(2),
+) -> None:
+    """End-to-end decode tokens/s and peak RSS: full attention vs DASH-KV at growing context lengths."""
+    from tqdm import tqdm
+
+    from dashkv.bench import generate
+
+    try:
+        sizes = tuple(int(s) for s in lengths.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"lengths={lengths!r}: give comma-separated integers, e.g. 2048,4096") from None
+    if new_tokens < 2:
+        raise typer.BadParameter(f"new_tokens={new_tokens}: at least 2")
+    results = generate.run(sizes, new_tokens, threads, model, output, progress=lambda xs: tqdm(xs, desc="contexts"))
+    typer.echo(generate.table(results))
+    typer.echo(f"\nwrote {output / 'generate.json'}")
 
 
 def main() -> None:  # pragma: no cover - entry point

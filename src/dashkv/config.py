@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (16, 32, 64, 128)
 PREFILL_MODES = ("dense", "tiered")
+SELECTORS = ("hash", "oracle")
 
 
 def _fail(name: str, value: object, allowed: str) -> None:
@@ -52,6 +53,10 @@ class DashKVConfig:
         Query tokens processed at once through the tiers (bounds memory to ``chunk * S``).
     backend : str
         Kernel backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
+    selector : str
+        ``"hash"``: tiers from Hamming distances of the codes (DASH-KV); ``"oracle"``: the high tier is
+        the top ``high`` share of keys by exact ``q.k`` (no mid tier, no calibration) -- the ceiling of
+        any key selector at that budget, for evaluation only (it reads every key).
     """
 
     bits: int = 64
@@ -70,6 +75,7 @@ class DashKVConfig:
     prefill: str = "dense"
     chunk_size: int = 256
     backend: str = "auto"
+    selector: str = "hash"
 
     def __post_init__(self) -> None:
         self.dense_layers = tuple(self.dense_layers)
@@ -104,6 +110,10 @@ class DashKVConfig:
             _fail("prefill", self.prefill, f"one of {PREFILL_MODES}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             _fail("chunk_size", self.chunk_size, "an integer >= 1")
+        if self.selector not in SELECTORS:
+            _fail("selector", self.selector, f"one of {SELECTORS}")
+        if self.selector == "oracle" and self.mid > 0:
+            _fail("mid", self.mid, "0 with selector='oracle' (exact top-k has no estimated tier)")
         from dashkv.ops.dispatch import BACKENDS
 
         if self.backend not in BACKENDS:

@@ -13,6 +13,7 @@ from dashkv.ops import reference as ref
 from dashkv.ops.dispatch import BACKENDS, get_backend
 
 cpu = pytest.importorskip("dashkv.ops.cpu", reason="the cpu backend needs numba")
+import dashkv.ops.cpu.api  # noqa: E402,F401  (the fixture shrinks its CHUNK)
 
 # (batch, heads, kv heads, tokens, keys, bits)
 CASES = [
@@ -37,7 +38,7 @@ PROBS_TOL = dict(rtol=1e-5, atol=1e-6)
 def chunk(request, monkeypatch):
     """Run with the default chunk size and with a tiny one, so ties and partials cross many chunks."""
     if request.param is not None:
-        monkeypatch.setattr(cpu, "CHUNK", request.param)
+        monkeypatch.setattr(cpu.api, "CHUNK", request.param)
     return request.param
 
 

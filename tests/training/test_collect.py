@@ -43,5 +43,12 @@ def test_token_windows_cut_and_refuse_short_text(default_model):
     _, tok = default_model
     windows = token_windows(tok, "word " * 300, 64)
     assert len(windows) >= 4 and all(w.numel() == 64 for w in windows)
+    ids = torch.tensor(tok("word " * 300, add_special_tokens=False).input_ids)
+    assert torch.equal(torch.cat(windows), ids[: 64 * len(windows)])  # consecutive, from the start
+    overlapping = token_windows(tok, "word " * 300, 64, stride=16)
+    assert torch.equal(overlapping[1][:48], overlapping[0][16:]) and len(overlapping) > 3 * len(windows)
+    spread = token_windows(tok, " ".join(str(i) for i in range(400)), 64, count=3)
+    whole = token_windows(tok, " ".join(str(i) for i in range(400)), 64)
+    assert len(spread) == 3 and torch.equal(spread[0], whole[0]) and torch.equal(spread[2], whole[2 * len(whole) // 3])
     with pytest.raises(ValueError, match="fewer than one window"):
         token_windows(tok, "short", 64)

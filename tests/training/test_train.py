@@ -6,7 +6,7 @@ import torch
 from dashkv import HashEncoders
 from dashkv.training.collect import LayerSignals
 from dashkv.training.quality import recall_at
-from dashkv.training.train import TrainConfig, train_layer_codes
+from dashkv.training.train import TrainConfig, train_layer_codes, whitened_start
 
 
 def _planted(seed, sequences=4, length=256, queries=48):
@@ -51,3 +51,18 @@ def test_training_is_deterministic_under_a_seed(tiny_qwen2):
         train_layer_codes(enc, _planted(0, sequences=2), cfg, 0.25, torch.Generator().manual_seed(3))
         runs.append(enc.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_whitened_start_leaves_the_relaxed_codes_unsaturated(tiny_qwen2):
+    # signals with large, uneven scales, as post-RoPE q/k have: unscaled projections would saturate tanh
+    sig = _planted(0)
+    keys, queries, _ = sig.stacked()
+    keys, queries = keys * 5.0 + 3.0, queries * 20.0
+    encoder = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0]
+    whitened_start(encoder, keys, queries)
+    with torch.no_grad():
+        key_v, query_v = encoder.key_projection(keys), encoder.query_projection(queries)
+    for v in (key_v, query_v):
+        assert torch.allclose(v.std(dim=(0, 2)), torch.ones(()), atol=1e-3)
+        assert (torch.tanh(v).abs() < 0.9).float().mean() > 0.5  # most relaxed codes still have a gradient
+    assert torch.allclose(key_v.mean(dim=(0, 2)), torch.zeros(()), atol=0.2)  # centred keys: balanced bits

@@ -1,16 +1,19 @@
 """Decode-step attention latency: dense SDPA against DASH-KV, timed in the same run.
 
 For each cache length S and head shape, one decode token (T = 1), fp32: dense
-``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (distances, tiers and tiered
-attention, ``ops.cpu.dash_attention``) and the whole method step (``attention.tiered_step``: query
-encoding, distances, consensus, tiers, attention). Timings interleave the methods, repeat, and report
-median and min-max. Also: the machine's read bandwidth measured in the same run, the GB/s of the
-code scan alone, and the cost of encoding a query and of coding one new key.
+``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (``ops.cpu.dash_attention``:
+distances, tiers, exact high tier and estimated mid tier), the same kernel with the high tier only,
+and the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel).
+Timings interleave the methods, repeat, and report median and min-max. Also: the machine's read
+bandwidth measured in the same run, the GB/s of the code scan alone (the fused kernel's first pass:
+distances to every key code and their histograms), and the cost of encoding a query and of coding
+one new key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -22,8 +25,14 @@ import torch
 from dashkv.attention import always_high, tiered_step, visibility
 from dashkv.config import DashKVConfig
 from dashkv.encoders import LayerHashEncoder
-from dashkv.ops.reference import budget_counts
+from dashkv.ops.reference import MidTierInputs, budget_counts, expand_kv
 
+METHODS = {
+    "sdpa": "dense SDPA",
+    "dashkv_fused": "DASH-KV fused kernel (high + mid)",
+    "dashkv_high": "DASH-KV fused kernel, high tier only",
+    "dashkv_step": "DASH-KV method step (encode + consensus + fused)",
+}
 SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 SIZES = (1024, 4096, 16384, 32768, 65536, 131072)
 
@@ -69,8 +78,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _mid_inputs(encoder: LayerHashEncoder, query: torch.Tensor, key_norms: torch.Tensor, bits: int) -> MidTierInputs:
+    """What the mid tier reads besides q, K and V, as :func:`dashkv.attention.tiered_step` builds it."""
+    center = expand_kv(encoder.key_center.unsqueeze(0), query.shape[1])[0]
+    return MidTierInputs(
+        dist=None, query_codes=None, key_codes=None, bits=bits, query_norm=query.norm(dim=-1), key_norm=key_norms,
+        query_dot_center=torch.einsum("bhtd,hd->bht", query, center), temperature=encoder.mid_temperature.detach(),
+        bias=encoder.mid_bias.detach(), residual=encoder.residual.detach(),
+    )  # fmt: skip
+
+
 def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup: int, seed: int = 0) -> dict:
-    """Time one (shape, S) case; returns a JSON-ready dict."""
+    """Time one (shape, S) case; returns a JSON-ready dict.
+
+    Methods, interleaved in every repeat: ``sdpa`` (dense, GQA), ``dashkv_fused`` (the fused kernel:
+    distances, tiers, exact high + estimated mid tier), ``dashkv_high`` (the same with ``mid = 0``:
+    high tier only) and ``dashkv_step`` (the whole method step: query encoding, consensus, the fused
+    kernel, probabilities and tiers for the cache statistics).
+    """
     from dashkv.ops import cpu
 
     heads, kv_heads, dim = SHAPES[shape]
@@ -89,23 +114,27 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     n = (visible & ~always).sum(-1)
     k_high = budget_counts(n, config.high)
     k_mid = budget_counts(n, config.high + config.mid) - k_high
+    mid = _mid_inputs(encoder, query, norms, config.bits)
     scaling = dim**-0.5
 
     def dense():
         torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
 
     def fused():
-        cpu.dash_attention(query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always)
+        cpu.dash_attention(query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always, mid)
+
+    def high_only():
+        cpu.dash_attention(query, key, value, query_codes, codes, k_high, k_mid * 0, scaling, visible, always)
 
     def method():
         tiered_step(query, key, value, codes, norms, encoder, config, visible, scaling, None, cpu)
 
-    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_step": method}
+    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only, "dashkv_step": method}
     timings = _time(fns, repeats, warmup)
-    scan = Timing.of([_timed(lambda: cpu.hamming_distance(query_codes, codes)) for _ in range(repeats)])
-    encode_query = Timing.of([_timed(lambda: encoder.encode_query(query)) for _ in range(repeats)])
+    scan = _time({"scan": lambda: cpu.code_scan(query_codes, codes)}, repeats, warmup)["scan"]
+    encode_query = _time({"q": lambda: encoder.encode_query(query)}, repeats, warmup)["q"]
     new_key = key[:, :, :1]
-    encode_key = Timing.of([_timed(lambda: encoder.encode_key(new_key)) for _ in range(repeats)])
+    encode_key = _time({"k": lambda: encoder.encode_key(new_key)}, repeats, warmup)["k"]
     code_bytes = codes.numel() * 8
     return {
         "shape": shape,
@@ -114,13 +143,27 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
         "kv_heads": kv_heads,
         "head_dim": dim,
         **{name: asdict(t) for name, t in timings.items()},
-        "speedup_fused": timings["sdpa"].median / timings["dashkv_fused"].median,
-        "speedup_step": timings["sdpa"].median / timings["dashkv_step"].median,
+        **{f"speedup_{name[7:]}": timings["sdpa"].median / timings[name].median for name in fns if name != "sdpa"},
+        "dense_kv_bytes": 2 * key.numel() * 4,
+        "code_bytes": code_bytes,
         "code_scan_ms": asdict(scan),
         "code_scan_gbps": code_bytes / (scan.median / 1e3) / 1e9,
         "encode_query_ms": asdict(encode_query),
         "encode_new_key_ms": asdict(encode_key),
     }
+
+
+def slopes(results: dict, low: int = 16384, high: int = 131072) -> dict:
+    """Log-log slope of median time against S between ``low`` and ``high`` keys, per shape and method."""
+    out: dict = {}
+    for shape in sorted({c["shape"] for c in results["cases"]}):
+        cases = {c["seq"]: c for c in results["cases"] if c["shape"] == shape}
+        if low in cases and high in cases:
+            out[shape] = {
+                name: math.log(cases[high][name]["median"] / cases[low][name]["median"]) / math.log(high / low)
+                for name in METHODS
+            }
+    return out
 
 
 def run(
@@ -147,6 +190,7 @@ def run(
         "config": config.to_dict(),
         "cases": [bench_case(shape, seq, config, repeats, warmup) for shape, seq in iterator],
     }
+    results["slopes_16k_128k"] = slopes(results)
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
@@ -167,10 +211,12 @@ def plot(results: dict, path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         cases = [c for c in results["cases"] if c["shape"] == shape]
         seqs = [c["seq"] for c in cases]
-        for name, label in (("sdpa", "dense SDPA"), ("dashkv_fused", "DASH-KV fused kernel"),
-                            ("dashkv_step", "DASH-KV method step")):
-            ax.loglog(seqs, [c[name]["median"] for c in cases], marker="o", label=label)
-        ax.set_title(f"{shape}: one decode token, fp32, {results['machine']['threads']} threads")
+        for name, label in METHODS.items():
+            med = [c[name]["median"] for c in cases]
+            ax.loglog(seqs, med, marker="o", label=label)
+            ax.fill_between(seqs, [c[name]["low"] for c in cases], [c[name]["high"] for c in cases], alpha=0.15)
+        threads = results["machine"]["threads"]
+        ax.set_title(f"{shape}: one decode token, fp32, {threads} thread{'s' if threads != 1 else ''}")
         ax.set_xlabel("keys in cache (S)")
         ax.set_ylabel("ms (median)")
         ax.grid(True, which="both", alpha=0.3)
@@ -181,15 +227,18 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """Markdown table of the cases."""
-    lines = ["| shape | S | SDPA ms | fused ms | step ms | fused × | step × | scan GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table of the cases: medians in ms and speed-ups over SDPA in the same run."""
+    lines = ["| shape | S | SDPA ms | fused ms | fused × | high-only ms | high-only × | step ms | step × | "
+             "scan GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         lines.append(
             f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
-            f"{c['dashkv_step']['median']:.2f} | {c['speedup_fused']:.1f} | {c['speedup_step']:.1f} | "
-            f"{c['code_scan_gbps']:.1f} |"
+            f"{c['speedup_fused']:.1f} | {c['dashkv_high']['median']:.2f} | {c['speedup_high']:.1f} | "
+            f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | {c['code_scan_gbps']:.1f} |"
         )
     bw = results["machine"]["read_bandwidth_gbps"]
     lines.append(f"\nread bandwidth measured in the same run: {bw:.1f} GB/s")
+    for shape, by_method in results.get("slopes_16k_128k", {}).items():
+        text = ", ".join(f"{name} {slope:.2f}" for name, slope in by_method.items())
+        lines.append(f"log-log slope 16K-128K, {shape}: {text}")
     return "\n".join(lines)

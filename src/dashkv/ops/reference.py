@@ -264,3 +264,23 @@ def tiered_attention(
         logits = torch.where(tiers == MID, estimate + anchor_offset(exact, estimate, tiers), logits)
     probs = torch.softmax(logits, dim=-1)
     return (probs @ v).to(query.dtype), probs
+
+
+def select_largest(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exactly ``min(k, n)`` eligible keys of largest score per row (the oracle selector's top-k).
+
+    Parameters
+    ----------
+    scores : Tensor[B, H, T, S], float
+    eligible : Tensor[B, H or 1, T, S], bool
+    k : Tensor[B, H or 1, T], int64
+
+    Returns
+    -------
+    Tensor[B, H, T, S], bool
+    """
+    eligible = eligible.expand_as(scores)
+    masked = torch.where(eligible, scores.to(torch.float32), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return eligible & (ranks < k.expand(scores.shape[:-1]).unsqueeze(-1))

@@ -108,13 +108,19 @@ def collect(
     return store
 
 
-def token_windows(tokenizer, text: str, length: int, count: int | None = None) -> list[torch.Tensor]:
-    """Cut tokenized text into consecutive windows of ``length`` tokens (the tail is dropped)."""
+def token_windows(
+    tokenizer, text: str, length: int, count: int | None = None, stride: int | None = None
+) -> list[torch.Tensor]:
+    """Cut tokenized text into windows of ``length`` tokens, one every ``stride`` tokens (default:
+    consecutive, no overlap; the tail is dropped). With ``count``, keep that many, evenly spread over
+    the text so that every part of a mixed corpus is represented."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
-    windows = [ids[i : i + length] for i in range(0, ids.numel() - length + 1, length)]
+    windows = [ids[i : i + length] for i in range(0, ids.numel() - length + 1, stride or length)]
     if not windows:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {length}")
-    return windows[:count] if count is not None else windows
+    if count is not None and count < len(windows):
+        windows = [windows[i * len(windows) // count] for i in range(count)]
+    return windows
 
 
 def read_corpus(paths: list[Path]) -> str:

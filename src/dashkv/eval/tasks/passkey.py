@@ -67,3 +67,11 @@ def score(prediction: str, answer: str) -> float:
     """1.0 when the first number in the prediction is the pass key."""
     found = re.findall(r"\d+", prediction)
     return float(bool(found) and found[0] == answer)
+
+
+def task_sample(tokenizer, num_tokens: int, seed: int) -> "TaskSample":
+    """The pass-key prompt as a :class:`~dashkv.eval.tasks.sample.TaskSample` (for the suite)."""
+    from dashkv.eval.tasks.sample import TaskSample
+
+    s = make_sample(tokenizer, num_tokens, seed)
+    return TaskSample("passkey", seed, s.context, s.question, s.answer + ".", (s.answer,), {"depth": s.depth})

@@ -1,0 +1,97 @@
+"""``dashkv eval``: the long-context suites (retrieval tasks, fidelity) over every method and budget.
+
+One dense prefill per sample serves every method (see :mod:`dashkv.eval.protocol`); results go to a
+:class:`~dashkv.eval.store.ResultStore` as they are measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dashkv.baselines.method import Method
+from dashkv.baselines.presses import recorder_for
+from dashkv.eval.protocol import make_block, prefill, run_block, score_block
+from dashkv.eval.store import ResultStore
+from dashkv.eval.tasks import TASKS
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A suite: retrieval ``tasks`` as ``{name: (context tokens, samples)}`` and fidelity documents.
+
+    Attributes
+    ----------
+    fidelity_lengths : context lengths of the fidelity documents
+    fidelity_docs : documents per length
+    fidelity_tail : tokens of each document run through the method (the rest is prefilled)
+    fidelity_budgets : budgets measured for fidelity (None: every budget of the run)
+    dropped : tasks built but not run, and why
+    """
+
+    name: str
+    tasks: dict[str, tuple[int, int]]
+    fidelity_lengths: tuple[int, ...] = ()
+    fidelity_docs: int = 1
+    fidelity_tail: int = 128
+    fidelity_budgets: tuple[float, ...] | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+DROPPED = {
+    "variable_tracking": "full attention at 2K finds 0.10 of the names and no complete chain in 6 samples "
+                         "(0 at 500 tokens in the issue's harness): the model does not follow the chain",
+    "common_words": "full attention scores 0/4 at 2K: the model does not count word frequencies",
+}
+
+# Full attention on SmolLM2-135M at 2K (teacher-forced protocol, 6 samples each): multi-value 0.58 of
+# the numbers, multi-query 0.50 -- kept, but only in the full suite: the quick suite must fit 45 min on
+# 2 shared cores, and pass key (10) + multi-key (20, the noisy one) already cost most of it.
+SUITES = {
+    "quick": SuiteSpec("quick", {"passkey": (2048, 10), "multikey": (2048, 20)},
+                       fidelity_lengths=(2048, 4096, 8192), fidelity_docs=1, fidelity_tail=64,
+                       fidelity_budgets=(0.05,), dropped=DROPPED),
+    "full": SuiteSpec("full", {"passkey": (4096, 20), "multikey": (2048, 40), "multivalue": (2048, 20),
+                               "multiquery": (2048, 20)},
+                      fidelity_lengths=(2048, 4096, 8192), fidelity_docs=3, fidelity_tail=256, dropped=DROPPED),
+}
+
+
+def _prefill_for(model, ids: torch.Tensor, methods: list[Method]):
+    presses = tuple(sorted({p for m in methods for p in m.presses}))
+    return prefill(model, ids, recorder=recorder_for(model, presses) if presses else None)
+
+
+@torch.no_grad()
+def run_retrieval(model, tokenizer, spec: SuiteSpec, methods: list[Method], store: ResultStore, progress=None) -> None:
+    """Every (task, sample, method) of ``spec`` not yet in ``store``; ``progress`` wraps an iterable."""
+    jobs = [(task, length, seed) for task, (length, count) in spec.tasks.items() for seed in range(count)]
+    for task, length, seed in progress(jobs) if progress else jobs:
+        todo = [m for m in methods if not store.has(task, length, seed, m.name, m.budget)]
+        if not todo:
+            continue
+        sample = TASKS[task](tokenizer, length, seed)
+        ids = tokenizer(sample.context, return_tensors="pt").input_ids
+        start, cpu = time.perf_counter(), time.process_time()
+        pre = _prefill_for(model, ids, todo)
+        prefill_seconds, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
+        block = make_block(tokenizer, sample)
+        for method in todo:
+            start, cpu = time.perf_counter(), time.process_time()
+            cache = method.build_cache(model, pre)
+            with method.context(model):
+                predicted = run_block(model, cache, block, pre.length)
+            score, verdicts = score_block(predicted, block, tokenizer)
+            store.add({
+                "task": task, "length": length, "sample": seed, "method": method.name, "budget": method.budget,
+                "score": score, "verdicts": verdicts, "context_tokens": pre.length,
+                "prediction": tokenizer.decode(predicted[:-1].tolist()), "answer": sample.answer,
+                "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                "prefill_seconds": prefill_seconds, "prefill_cpu_seconds": prefill_cpu,
+                **method.describe(pre),
+            })
+            del cache

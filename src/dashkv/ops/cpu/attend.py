@@ -1,0 +1,244 @@
+"""Split-softmax (flash-decoding) attention over given tiers: per (row, chunk) partials, then a merge.
+
+Each (row, chunk) keeps ``max``, ``sum exp`` and an unnormalised ``sum exp * v`` in fp32, separately
+for high and mid keys, because the mid logits move by the row's anchor offset (mean ``exact -
+estimate`` over its high keys), known only after all chunks. K rows are read for high keys only and V
+rows for high and mid keys only (gathered by index, prefetched :data:`AHEAD` keys ahead); code-based
+estimates are computed only at mid keys and, for the anchor, at high keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, prefetch, task_span
+from dashkv.ops.reference import HIGH, MID
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def estimates(
+    lo, hi, idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling, out,
+    vals,
+):  # fmt: skip
+    """Mid-tier logits of keys ``idx[lo:hi]`` (distances ``dd``) into ``out[lo:hi]``; see
+    :func:`dashkv.ops.reference.mid_tier_logits`: the angle estimate from the distance plus the
+    residual ``sum phi - 2 sum_{q_r != k_r} phi_r``, from byte tables of the bit weights over ``q ^ k``.
+    One call per (row, chunk): per-key calls with array arguments would cost more than the work.
+    Prefetches the V rows of those keys (``vals``; a 1-row dummy skips it), so that the softmax's
+    gather finds them in cache: the estimate is compute work that hides their latency."""
+    line = 64 // vals.itemsize
+    dim = vals.shape[1] if vals.shape[0] > 1 else 0
+    bias_h = bias[h]
+    sum_h = sumphi[h]
+    th = tab[h]
+    two_words = kc.shape[1] > 1
+    for i in range(lo, hi):
+        ui = np.uintp(i)
+        if i + AHEAD < hi:
+            for j in range(0, dim, line):
+                prefetch(vals, kbase + idx[np.uintp(i + AHEAD)], j)
+        krow = np.uintp(kbase + idx[ui])
+        d = dd[ui]
+        if 0 <= d <= bits:
+            cos = costab[d]
+        else:
+            cos = np.float32(math.cos(np.float32(math.pi) * np.float32(d) / np.float32(bits)))
+        logit = (qdc_row + a_row * knorm[krow] * cos) * scaling + bias_h
+        x = np.uint64(q0 ^ kc[krow, 0])
+        res = np.float32(0.0)
+        for j in range(8):
+            res += th[j, (x >> np.uint64(8 * j)) & np.uint64(255)]
+        if two_words:
+            x = np.uint64(q1 ^ kc[krow, 1])
+            for j in range(8):
+                res += th[8 + j, (x >> np.uint64(8 * j)) & np.uint64(255)]
+        out[ui] = logit + (sum_h - np.float32(2.0) * res)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def softmax_part(logit, lo, hi, idx, vals, half, kbase, acc, probs, row, want_probs):
+    """``(max, sum exp)`` of ``logit[lo:hi]`` and ``acc = sum exp * v`` (V rows of those keys only)."""
+    dim = acc.shape[0]
+    for j in range(dim):
+        acc[j] = 0.0
+    if hi <= lo:
+        return np.float32(-np.inf), 0.0
+    line = 64 // vals.itemsize
+    for i in range(lo, min(hi, lo + AHEAD)):
+        for j in range(0, dim, line):
+            prefetch(vals, kbase + idx[i], j)
+    m = logit[lo]
+    for i in range(lo + 1, hi):  # vectorised (unsigned indices: no wraparound checks)
+        m = max(m, logit[np.uintp(i)])
+    total = np.float32(0.0)
+    for i in range(lo, hi):
+        e = expf(logit[np.uintp(i)] - m)
+        logit[np.uintp(i)] = e
+        total += e
+    for i in range(lo, hi):
+        ui = np.uintp(i)
+        if i + AHEAD < hi:
+            for j in range(0, dim, line):
+                prefetch(vals, kbase + idx[np.uintp(i + AHEAD)], j)
+        e = logit[ui]
+        vrow = np.uintp(kbase + idx[ui])
+        for j in range(dim):
+            acc[j] += e * load_f32(vals[vrow, j], half)
+    if want_probs:
+        for i in range(lo, hi):
+            probs[np.uintp(row), np.uintp(idx[np.uintp(i)])] = logit[np.uintp(i)]
+    return m, np.float64(total)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def attend_chunk(
+    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
+    mid_on, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+    part_m, part_l, part_acc, probs, want_probs,
+):  # fmt: skip
+    """Split softmax of one (row, chunk): ``idx[:nh]`` high keys, ``idx[nh:nh + nm]`` mid keys, ``dd``
+    their raw distances. High logits read K rows of high keys only; the weighted sums read V rows of
+    selected keys only. High and mid keep separate partials (``part_*[0]`` and ``[1]``) because the
+    anchor offset of the mid logits is known only once all chunks are done. Returns the chunk's sum
+    of ``exact - estimate`` over its high keys (the anchor's numerator; 0 without the mid tier)."""
+    dim = q.shape[1]
+    line = 64 // keys.itemsize
+    for i in range(min(nh, AHEAD)):
+        for j in range(0, dim, line):
+            prefetch(keys, kbase + idx[i], j)
+    for i in range(nh):  # exact logits; the V rows of the same keys are fetched meanwhile
+        ui = np.uintp(i)
+        if i + AHEAD < nh:
+            for j in range(0, dim, line):
+                prefetch(keys, kbase + idx[np.uintp(i + AHEAD)], j)
+        for j in range(0, dim, line):
+            prefetch(vals, kbase + idx[ui], j)
+        krow = np.uintp(kbase + idx[ui])
+        dot = np.float32(0.0)
+        for j in range(dim):
+            dot += q[row, j] * load_f32(keys[krow, j], half)
+        logit[ui] = dot * scaling
+    gap = 0.0
+    if mid_on:
+        args = (idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling)
+        estimates(0, nh, *args, est, vals[:1])
+        for i in range(nh):
+            gap += np.float64(logit[i] - est[i])
+        estimates(nh, nh + nm, *args, logit, vals)
+    for part, lo, hi in ((0, 0, nh), (1, nh, nh + nm)):
+        part_m[part], part_l[part] = softmax_part(
+            logit, lo, hi, idx, vals, half, kbase, part_acc[part], probs, row, want_probs
+        )
+    return gap
+
+
+@njit(**JIT)
+def merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, factor):
+    """Combine chunk partials. Mid logits move by the anchor offset (mean ``exact - estimate`` over the
+    row's high keys; 0 without high keys); ``factor[row, c, tier] = weight of that partial / L``."""
+    rows, nch = m_part.shape[0], m_part.shape[1]
+    dim = out.shape[1]
+    for r in range(rows):
+        off = 0.0
+        if mid_on:
+            gap = 0.0
+            count = 0
+            for c in range(nch):
+                gap += gap_part[r, c]
+                count += nhigh_part[r, c]
+            off = np.float64(np.float32(gap) / np.float32(max(count, 1)))
+        top = -np.inf
+        for c in range(nch):
+            top = max(top, np.float64(m_part[r, c, 0]), np.float64(m_part[r, c, 1]) + off)
+        if top == -np.inf:  # nothing selected: softmax of all -inf is NaN, as in torch
+            for j in range(dim):
+                out[r, j] = np.nan
+            for c in range(nch):
+                factor[r, c, 0] = factor[r, c, 1] = np.nan
+            continue
+        total = 0.0
+        for c in range(nch):
+            w0 = math.exp(np.float64(m_part[r, c, 0]) - top)
+            w1 = math.exp(np.float64(m_part[r, c, 1]) + off - top)
+            factor[r, c, 0] = w0
+            factor[r, c, 1] = w1
+            total += l_part[r, c, 0] * w0 + l_part[r, c, 1] * w1
+        for j in range(dim):
+            out[r, j] = 0.0
+        for c in range(nch):
+            for k in range(2):
+                w = factor[r, c, k] / total
+                factor[r, c, k] = w
+                if w != 0.0:
+                    for j in range(dim):
+                        out[r, j] += acc_part[r, c, k, j] * w
+    return out
+
+
+@njit(**PJIT)
+def scale_probs(probs, tiers, factor, chunk):
+    rows, seq = probs.shape
+    nch = factor.shape[1]
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        f_high = np.float32(factor[r, c, 0])
+        f_mid = np.float32(factor[r, c, 1])
+        for s in range(c * chunk, min(seq, (c + 1) * chunk)):
+            probs[r, s] *= f_mid if tiers[r, s] == MID else f_high
+    return probs
+
+
+@njit(fastmath=FASTMATH, **PJIT)
+def attn_tiers_kernel(
+    q, keys, vals, half, kheads, seq, tiers, scaling,
+    has_mid, mdist, qcodes, kcodes, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
+    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, chunk,
+):  # fmt: skip
+    """Split-softmax attention over given tiers. ``q [B*H*T, D]`` fp32, ``keys/vals [Bk*Hkv*S, D]``."""
+    nbatch, heads, tokens = qcodes.shape[0], qcodes.shape[1], qcodes.shape[2]
+    kbatch = keys.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        idx = np.empty(s1 - s0, np.int64)
+        idm = np.empty(s1 - s0, np.int64)
+        dd = np.empty(s1 - s0, np.int64)
+        logit = np.empty(s1 - s0, np.float32)
+        est = np.empty(s1 - s0, np.float32)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                nh = 0
+                nm = 0
+                for s in range(s0, s1):  # branch-free compaction of high and mid positions
+                    tier = tiers[row, s]
+                    idx[nh] = s
+                    nh += np.int64(tier == HIGH)
+                    idm[nm] = s
+                    nm += np.int64(has_mid & (tier == MID))
+                for i in range(nm):
+                    idx[nh + i] = idm[i]
+                a_row = qdc_row = np.float32(0.0)
+                q0 = q1 = np.int64(0)
+                if has_mid:
+                    for i in range(nh + nm):
+                        dd[i] = mdist[row, idx[i]]
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
+                    q0 = qcodes[b, h, t, 0]
+                    q1 = qcodes[b, h, t, 1] if qcodes.shape[3] > 1 else np.int64(0)
+                if want_probs:
+                    for s in range(s0, s1):
+                        probs[row, s] = 0.0
+                gap_part[row, c] = attend_chunk(
+                    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
+                    has_mid, h, q0, q1, kcodes, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+                    m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
+                )  # fmt: skip
+                nhigh_part[row, c] = nh

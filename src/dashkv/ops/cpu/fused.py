@@ -1,0 +1,245 @@
+"""The fused decode step: distances, calibration, tiers and attention without dense ``[B, H, T, S]``
+intermediates (see :func:`dashkv.ops.cpu.api.dash_attention`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from dashkv.ops.cpu.attend import attend_chunk
+from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, mask_row, popcount, task_span
+from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
+
+
+@njit(**JIT)
+def _row_distances(qc, b, h, t, kc, kbase, s0, s1, out, row):
+    """Hamming distances of one query code to keys ``s0:s1`` into ``out[row, s0:s1]``; one loop per
+    word count, so that each vectorises (``vpopcntq`` where the CPU has it). ``out`` is passed whole:
+    a row slice would be typed as a non-contiguous array and the loops would not vectorise.
+
+    Hot loops here index with ``np.uintp``: numba wraps negative signed indices around, and that
+    check alone keeps LLVM from vectorising a loop (4-5x slower)."""
+    words = kc.shape[1]
+    q0 = qc[b, h, t, 0]
+    r = np.uintp(row)
+    if words == 1:
+        for s in range(s0, s1):
+            out[r, np.uintp(s)] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
+    elif words == 2:
+        q1 = qc[b, h, t, 1]
+        for s in range(s0, s1):
+            k = np.uintp(kbase + s)
+            out[r, np.uintp(s)] = popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+    else:
+        for s in range(s0, s1):
+            acc = 0
+            for w in range(words):
+                acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
+            out[r, np.uintp(s)] = acc
+
+
+@njit(**JIT)
+def _count(bins, loc, nbe):
+    """Histogram of ``bins`` into ``loc[:nbe]``, through 4 interleaved copies (``loc[4 * nbe]``) that
+    break the store-to-load chains of repeated bins."""
+    loc[:] = 0
+    n = bins.shape[0]
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        loc[np.uintp(bins[i])] += 1
+        loc[np.uintp(nbe + bins[i + 1])] += 1
+        loc[np.uintp(2 * nbe + bins[i + 2])] += 1
+        loc[np.uintp(3 * nbe + bins[i + 3])] += 1
+    for i in range(n4, n):
+        loc[np.uintp(bins[i])] += 1
+
+
+
+@njit(**PJIT)
+def distance_kernel(qc, kc, kheads, seq, code, cdims, nb, dist, hist, chunk):
+    """Raw Hamming distances of every row into ``dist [B*H*T, S]`` (one byte a key where ``64 W < 255``)
+    and per (row, chunk) histograms of the eligible keys (``code == 1``), bins of :func:`thresholds`
+    with ``lo = 0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory
+    once for the whole GQA group."""
+    nbatch, heads, tokens, words = qc.shape
+    kbatch = kc.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    nbe = nb + 4
+    trash = nb + 3
+    for task in prange(nbatch * kheads * nch):
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        loc = np.zeros(4 * nbe, np.int32)  # 4 interleaved copies break store-to-load chains
+        bins = np.empty(s1 - s0, np.int32)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                mr = mask_row(row, cdims)
+                _row_distances(qc, b, h, t, kc, kbase, s0, s1, dist, row)
+                r, m = np.uintp(row), np.uintp(mr)
+                for i in range(s1 - s0):  # vectorised
+                    s = np.uintp(s0 + i)
+                    bins[i] = min(np.int32(dist[r, s]) + 1, nb + 2) if code[m, s] == 1 else trash
+                _count(bins, loc, nbe)
+                for j in range(nbe):
+                    hist[row, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
+
+
+@njit(**PJIT)
+def calibrate_kernel(
+    dist, code, cdims, heads, tokens, thr, need, tie_base, min_votes, step_s,
+    temporal, has_temporal, step_t, off, lo, nb, hist, chunk,
+):  # fmt: skip
+    """Cross-head consensus and momentum discounts (:mod:`dashkv.calibration`) without dense masks.
+
+    Votes: per key, the heads whose exact selection of ``k_high`` smallest raw distances (thresholds
+    ``thr, need, tie_base`` from the raw histograms; ``min_votes == 0`` turns consensus off) contains
+    it. Writes the per-key offset ``off[(b, t), s] = step_s [votes >= min_votes] + step_t [temporal]``
+    and per (row, chunk) histograms of the calibrated distances ``raw + off`` (bins of
+    :func:`thresholds` with ``lo``). One task is a (batch, token, chunk): votes span all heads."""
+    rows, seq = dist.shape
+    nbatch = rows // (heads * tokens)
+    nch = (seq + chunk - 1) // chunk
+    nbe = nb + 4
+    trash = nb + 3
+    enough = min_votes if min_votes > 0 else heads + 1  # consensus off: no key reaches it
+    for task in prange(nbatch * tokens * nch):
+        c = task % nch
+        t = (task // nch) % tokens
+        b = task // (nch * tokens)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        orow = b * tokens + t
+        votes = np.zeros(s1 - s0, np.int32)
+        if min_votes > 0:
+            for h in range(heads):
+                row = (b * heads + h) * tokens + t
+                mr = mask_row(row, cdims)
+                th = thr[row]
+                nd = need[row]
+                cnt = tie_base[row, c]
+                r, m = np.uintp(row), np.uintp(mr)
+                for i in range(s1 - s0):  # below the threshold (vectorised)
+                    s = np.uintp(s0 + i)
+                    votes[i] += np.int32((code[m, s] == 1) & (np.int64(dist[r, s]) < th))
+                for s in range(s1 - 1, s0 - 1, -1):  # ties: latest first, as select_smallest
+                    if cnt >= nd:
+                        break
+                    if code[m, np.uintp(s)] == 1 and np.int64(dist[r, np.uintp(s)]) == th:
+                        cnt += 1
+                        votes[s - s0] += 1
+        trow = np.uintp(orow % temporal.shape[0])
+        for i in range(s1 - s0):
+            s = np.uintp(s0 + i)
+            o = step_s if votes[i] >= enough else 0
+            if has_temporal and temporal[trow, s]:
+                o += step_t
+            off[np.uintp(orow), s] = o
+        loc = np.zeros(4 * nbe, np.int32)
+        bins = np.empty(s1 - s0, np.int32)
+        for h in range(heads):
+            row = (b * heads + h) * tokens + t
+            mr = mask_row(row, cdims)
+            r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
+            for i in range(s1 - s0):
+                s = np.uintp(s0 + i)
+                cal = np.int64(dist[r, s]) + off[o, s]
+                bins[i] = min(max(cal - lo + 1, 0), nb + 2) if code[m, s] == 1 else trash
+            _count(bins, loc, nbe)
+            for j in range(nbe):
+                hist[row, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
+
+
+@njit(fastmath=FASTMATH, **PJIT)
+def attend_kernel(
+    q, qc, kc, dist, off, has_off, keys, vals, half, kheads, seq, code, cdims, scaling,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m,
+    has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
+    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, tiers, want_tiers, chunk,
+):  # fmt: skip
+    """Tiers from the thresholds of the (calibrated) distances ``dist + off``, then split-softmax
+    attention over the chunk's high and mid keys (:func:`dashkv.ops.cpu.attend.attend_chunk`); the mid
+    estimate reads the raw distance. One task is a (batch, KV head, chunk)."""
+    nbatch, heads, tokens, words = qc.shape
+    kbatch = keys.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        flag = np.empty(s1 - s0, np.uint8)
+        cand = np.empty(s1 - s0, np.int64)
+        idx = np.empty(s1 - s0, np.int64)
+        dd = np.empty(s1 - s0, np.int64)
+        logit = np.empty(s1 - s0, np.float32)
+        est = np.empty(s1 - s0, np.float32)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):
+                row = (b * heads + h) * tokens + t
+                orow = b * tokens + t
+                mr = mask_row(row, cdims)
+                th = th_h[row]
+                tm = th_m[row]
+                tcand = max(th, tm)
+                r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
+                # candidates (always high, or eligible within the larger threshold): flags
+                # (vectorised), then a branch-free compaction, latest first
+                for i in range(s1 - s0):
+                    s = np.uintp(s0 + i)
+                    k = code[m, s]
+                    d = np.int64(dist[r, s]) + (off[o, s] if has_off else 0)
+                    flag[i] = (k == 2) | ((k == 1) & (d <= tcand))
+                n = 0
+                for i in range(s1 - s0 - 1, -1, -1):
+                    cand[np.uintp(n)] = s0 + i
+                    n += np.int64(flag[np.uintp(i)])
+                if want_tiers:
+                    for i in range(s1 - s0):
+                        s = np.uintp(s0 + i)
+                        tiers[r, s] = LOW if code[m, s] else HIDDEN
+                # tiers of the candidates (ties: later positions first); high to idx, mid to the front of cand
+                cnt_h = tb_h[row, c]
+                cnt_m = tb_m[row, c]
+                ndh = nd_h[row]
+                ndm = nd_m[row]
+                nh = 0
+                nm = 0
+                for i in range(n):  # branch-free: ties at a threshold are counted in order, latest first
+                    s = cand[np.uintp(i)]
+                    us = np.uintp(s)
+                    raw = np.int64(dist[r, us])
+                    d = raw + off[o, us] if has_off else raw
+                    pinned = code[m, us] == 2
+                    tie_h = (d == th) & ~pinned
+                    tie_m = (d == tm) & ~pinned
+                    cnt_h += np.int64(tie_h)
+                    cnt_m += np.int64(tie_m)
+                    high = pinned | (d < th) | (tie_h & (cnt_h <= ndh))
+                    mid = ~high & ((d < tm) | (tie_m & (cnt_m <= ndm)))
+                    if want_tiers:
+                        tiers[r, us] = HIGH if high else (MID if mid else LOW)
+                    idx[np.uintp(nh)] = s  # appends: high to idx, mid to the front of cand
+                    dd[np.uintp(nh)] = raw
+                    nh += np.int64(high)
+                    cand[np.uintp(nm)] = s
+                    nm += np.int64(has_mid & mid)
+                for i in range(nm):
+                    idx[np.uintp(nh + i)] = cand[np.uintp(i)]
+                    dd[np.uintp(nh + i)] = dist[r, np.uintp(cand[np.uintp(i)])]
+                a_row = qdc_row = np.float32(0.0)
+                q0 = qc[b, h, t, 0]
+                q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
+                if has_mid:
+                    a_row = temp[h] * qnorm[row]
+                    qdc_row = qdc[row]
+                if want_probs:
+                    for i in range(s1 - s0):
+                        probs[r, np.uintp(s0 + i)] = 0.0
+                gap_part[row, c] = attend_chunk(
+                    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
+                    has_mid, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+                    m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
+                )  # fmt: skip
+                nhigh_part[row, c] = nh

@@ -1,0 +1,196 @@
+"""Torch <-> numpy plumbing of the CPU backend: validation, zero-copy views, mask rows, mid-tier tables
+and the split-softmax partials."""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+import torch
+from numba import njit
+
+from dashkv.ops.cpu.attend import merge_kernel, scale_probs
+from dashkv.ops.cpu.jit import BF16, F16, JIT
+from dashkv.ops.reference import MidTierInputs
+
+
+def check_cpu(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu backend takes CPU tensors, got one on {t.device}")
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """C-contiguous numpy view (no copy when already contiguous); 16-bit floats as raw ``uint16`` bits."""
+    t = t.detach().contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def codes_array(t: torch.Tensor) -> np.ndarray:
+    if t.dtype != torch.int64:
+        raise ValueError(f"codes must be packed int64 words, got dtype {t.dtype}")
+    return as_numpy(t)
+
+
+def dist2d(dist: torch.Tensor) -> np.ndarray:
+    if dist.dim() != 4 or dist.dtype.is_floating_point or dist.dtype == torch.bool:
+        raise ValueError("dist must be an integer tensor [B, H, T, S]")
+    if dist.dtype not in (torch.int32, torch.int64):
+        dist = dist.to(torch.int64)
+    return as_numpy(dist).reshape(math.prod(dist.shape[:3]), dist.shape[3])
+
+
+def mask_array(mask: torch.Tensor, shape: tuple[int, int, int, int], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A bool (or uint8) mask broadcastable to ``[B, H, T, S]`` as ``[Bm * Hm * Tm, S]`` plus its row map."""
+    nbatch, heads, tokens, seq = shape
+    if mask.dtype not in (torch.bool, torch.uint8):
+        mask = mask.to(torch.bool)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    for d in range(3):  # undo zero-stride expansion of the leading dims: no copy of a broadcast mask
+        if mask.shape[d] > 1 and mask.stride(d) == 0:
+            mask = mask.narrow(d, 0, 1)
+    for d, full in enumerate(shape[:3]):
+        if mask.shape[d] not in (1, full):
+            raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {shape}")
+    if mask.shape[3] != seq:
+        if mask.shape[3] != 1:
+            raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {shape}")
+        mask = mask.expand(*mask.shape[:3], seq)
+    dims = np.array([heads, tokens, mask.shape[0], mask.shape[1], mask.shape[2]], dtype=np.int64)
+    return as_numpy(mask).reshape(math.prod(mask.shape[:3]), seq), dims
+
+
+def rows_of(k: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-row int64 values of ``k`` broadcast to ``[B, H, T]``."""
+    k = torch.as_tensor(k).to(torch.int64)
+    return k.expand(*shape[:3]).contiguous().numpy().reshape(-1)
+
+
+def kv_arrays(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """K and V as ``[Bk * Hkv * S, D]`` views plus their 16-bit format (0: a float dtype as is)."""
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != 4 or heads % t.shape[1]:
+            raise ValueError(f"{name} must be [B, Hkv, S, D] with H % Hkv == 0, got {tuple(t.shape)}")
+    if key.dtype != value.dtype or not key.dtype.is_floating_point:
+        key, value = key.to(torch.float32), value.to(torch.float32)
+    half = {torch.bfloat16: BF16, torch.float16: F16}.get(key.dtype, 0)
+    flat = lambda t: as_numpy(t).reshape(math.prod(t.shape[:3]), t.shape[3])  # noqa: E731
+    return flat(key), flat(value), half
+
+
+@njit(**JIT)
+def byte_tables(phi):
+    """``tab[h, j, v]``: sum of the bit weights ``phi[h, 8 j + b]`` over the bits ``b`` set in byte ``v``."""
+    heads, bits = phi.shape
+    tab = np.zeros((heads, 16, 256), np.float32)
+    for h in range(heads):
+        for j in range(16):
+            for b in range(8):
+                w = phi[h, 8 * j + b] if 8 * j + b < bits else np.float32(0.0)
+                for v in range(1 << b):  # bytes with top bit b: those below it plus phi_b
+                    tab[h, j, (1 << b) + v] = tab[h, j, v] + w
+    return tab
+
+
+@functools.lru_cache(maxsize=16)
+def cos_table(bits: int) -> np.ndarray:
+    """``cos(pi * d / R)`` for ``d = 0..R``, computed as the reference does (fp32 torch)."""
+    return torch.cos(math.pi * torch.arange(bits + 1, dtype=torch.float32) / bits).numpy()
+
+
+def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], key_shape: tuple[int, ...], words: int):
+    """Per-head tables and flat views of the mid-tier inputs (dummies when ``mid`` is None).
+
+    ``query_shape`` is ``(B, H, T)`` and ``key_shape`` ``(Bk, Hkv, S)``: the norms are broadcast to
+    them, so that they are indexed like the query rows and the K rows.
+    """
+    if mid is None:
+        f1 = np.zeros(1, np.float32)
+        return (False, f1, f1, f1, f1, f1, np.zeros((1, 16, 256), np.float32), f1, f1, 1)
+    heads = query_shape[1]
+    bits = int(mid.bits)
+    if bits < 1 or bits > 64 * words or words > 2:
+        raise ValueError(f"mid tier needs 1..{64 * words} bits in at most 2 words, got bits={bits}")
+    residual = mid.residual.detach().to(torch.float32).reshape(heads, -1)[:, :bits]
+    tab = byte_tables(np.ascontiguousarray(residual.numpy()))
+    sumphi = residual.sum(-1).numpy()
+    def f32(t, shape):
+        return as_numpy(torch.as_tensor(t).detach().to(torch.float32).expand(shape)).reshape(-1)
+
+    return (
+        True,
+        f32(mid.query_norm, query_shape),
+        f32(mid.key_norm, key_shape),
+        f32(mid.query_dot_center, query_shape),
+        f32(mid.temperature, (heads,)),
+        f32(mid.bias, (heads,)),
+        tab,
+        sumphi,
+        cos_table(bits),
+        bits,
+    )
+
+
+def budget_counts_np(num_eligible: np.ndarray, fraction: float) -> np.ndarray:
+    """:func:`dashkv.ops.reference.budget_counts` in numpy (the same float64 operations)."""
+    k = np.maximum(np.ceil(num_eligible.astype(np.float64) * fraction - 1e-9), 0).astype(np.int64)
+    return np.minimum(k, num_eligible)
+
+
+def new_parts(rows: int, seq: int, dim: int, chunk: int):
+    """Per (row, chunk) partials: max and sum exp and sum exp * v of high ``[..., 0]`` and mid
+    ``[..., 1]`` keys, the anchor numerator and the number of high keys."""
+    nch = max(1, -(-seq // chunk))
+    m_part = np.full((rows, nch, 2), -np.inf, np.float32)
+    l_part = np.zeros((rows, nch, 2), np.float64)
+    acc_part = np.zeros((rows, nch, 2, dim), np.float32)
+    gap_part = np.zeros((rows, nch), np.float64)
+    nhigh_part = np.zeros((rows, nch), np.int64)
+    return m_part, l_part, acc_part, gap_part, nhigh_part
+
+
+def merge_parts(parts, mid_on, probs, tiers, shape, dtype, chunk):
+    """Merge the partials into ``[B, H, T, D]`` in ``dtype``; normalise ``probs`` in place if given."""
+    nbatch, heads, tokens, dim = shape
+    m_part = parts[0]
+    out = np.empty((nbatch * heads * tokens, dim), np.float64)
+    factor = np.empty(m_part.shape, np.float64)
+    merge_kernel(*parts, mid_on, out, factor)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim).to(torch.float32).to(dtype)
+    if probs is None:
+        return output, None
+    scale_probs(probs, tiers, factor, chunk)
+    return output, torch.from_numpy(probs).view(nbatch, heads, tokens, -1)
+
+
+def codes_of(visible: torch.Tensor, always: torch.Tensor | None) -> torch.Tensor:
+    """One byte per key: 0 hidden, 1 eligible, 2 always high (visible sinks and window)."""
+    visible = visible.to(torch.bool)
+    code = visible.to(torch.uint8)
+    if always is not None:
+        code = code + (visible & always.to(torch.bool)).to(torch.uint8)
+    return code
+
+
+
+_SCRATCH = threading.local()
+_SCRATCH_LIMIT = 32 * 2**20  # bytes a kept buffer may have
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A reusable uninitialised buffer (per thread and name): large per-call intermediates of the fused
+    step skip the allocation and the page faults of fresh memory. The caller overwrites it whole."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    size = math.prod(shape)
+    if size * np.dtype(dtype).itemsize > _SCRATCH_LIMIT:  # large query blocks: not worth keeping
+        return np.empty(shape, dtype)
+    buf = pool.get((name, np.dtype(dtype)))
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype)
+        pool[(name, np.dtype(dtype))] = buf
+    return buf[:size].reshape(shape)

@@ -1,0 +1,181 @@
+"""Distances, histograms and exact, sort-free selection: the integer kernels of the CPU backend.
+
+Distances are small integers, so each row's threshold (the reference's ``kth_smallest``) comes from
+per-(row, chunk) histograms; per-chunk counts of the keys tied at the threshold give every chunk its
+starting tie rank, so chunks break their ties (later positions first) independently, in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from dashkv.ops.cpu.jit import JIT, PJIT, mask_row, popcount, task_span
+from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
+
+
+@njit(**JIT)
+def thresholds(hist, kvals, lo, nb):
+    """Per row threshold (``kth_smallest``), ties still needed, and ties in later chunks.
+
+    ``hist[row, chunk]`` bins (``nb = hi - lo + 1``): ``0`` raw ``< lo``; ``1 + j`` raw ``== lo + j``
+    for ``j`` in ``[0, nb]`` (``j = nb``: ``hi + 1``); ``nb + 2`` raw ``> hi + 1``; ``nb + 3`` not
+    eligible. The reference clamps distances into ``[lo, hi]`` for the histogram but compares raw
+    values when selecting; the extra bins reproduce that exactly for out-of-range distances.
+    """
+    rows, nch, nbe = hist.shape
+    thr = np.empty(rows, np.int64)
+    need = np.empty(rows, np.int64)
+    tie_base = np.empty((rows, nch), np.int64)
+    tot = np.empty(nbe, np.int64)
+    for r in range(rows):
+        tot[:] = 0
+        for c in range(nch):
+            for j in range(nbe):
+                tot[j] += hist[r, c, j]
+        k = kvals[r]
+        cum = 0
+        cnt = 0
+        for j in range(nb):  # the reference's clamped histogram and its cumsum
+            cj = tot[j + 1]
+            if j == 0:
+                cj += tot[0]
+            if j == nb - 1:
+                cj += tot[nb + 1] + tot[nb + 2]
+            cum += cj
+            if cum < k:
+                cnt += 1
+        below = tot[0]
+        for j in range(cnt):
+            below += tot[1 + j]
+        thr[r] = lo + cnt
+        need[r] = k - below
+        acc = 0
+        for c in range(nch - 1, -1, -1):
+            tie_base[r, c] = acc
+            acc += hist[r, c, cnt + 1]
+    return thr, need, tie_base
+
+
+@njit(**PJIT)
+def hamming_kernel(qc, kc, kheads, out, chunk):
+    """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B, H, T, S]`` int32."""
+    nbatch, heads, tokens, words = qc.shape
+    seq = out.shape[3]
+    kbatch = kc.shape[0] // (kheads * seq)
+    groups = heads // kheads
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(nbatch * kheads * nch):
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        for g in range(groups):
+            h = kvh * groups + g
+            for t in range(tokens):  # unsigned indices: no wraparound checks, so the loops vectorise
+                ub, uh, ut = np.uintp(b), np.uintp(h), np.uintp(t)
+                if words == 1:
+                    q0 = qc[b, h, t, 0]
+                    for s in range(s0, s1):
+                        us = np.uintp(s)
+                        out[ub, uh, ut, us] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
+                elif words == 2:
+                    q0 = qc[b, h, t, 0]
+                    q1 = qc[b, h, t, 1]
+                    for s in range(s0, s1):
+                        k = np.uintp(kbase + s)
+                        out[ub, uh, ut, np.uintp(s)] = popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+                else:
+                    for s in range(s0, s1):
+                        acc = 0
+                        for w in range(words):
+                            acc += popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
+                        out[b, h, t, s] = acc
+    return out
+
+
+@njit(**PJIT)
+def hist_kernel(dist, code, cdims, lo, nb, chunk):
+    """Per (row, chunk) histogram of the distances of eligible keys (``code == 1``); bin layout: see
+    :func:`thresholds`."""
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    nbe = nb + 4
+    trash = nb + 3
+    hist = np.zeros((rows, nch, nbe), np.int64)
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        cr = mask_row(r, cdims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        loc = np.zeros(4 * nbe, np.int64)  # 4 interleaved copies break store-to-load chains
+        for s in range(s0, s1):
+            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), nb + 2) if code[cr, s] == 1 else trash
+            loc[(s & 3) * nbe + j] += 1
+        for j in range(nbe):
+            hist[r, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
+    return hist
+
+
+@njit(**PJIT)
+def select_kernel(dist, code, cdims, thr, need, tie_base, out, chunk):
+    """Eligible keys below the threshold, and ties at it while the row still needs keys (latest first)."""
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        cr = mask_row(r, cdims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        t = thr[r]
+        nd = need[r]
+        cnt = tie_base[r, c]
+        for s in range(s1 - 1, s0 - 1, -1):
+            d = np.int64(dist[r, s])
+            elig = code[cr, s] == 1
+            sel = elig & (d < t)
+            if elig and d == t:  # ties: in order, latest first
+                cnt += 1
+                sel = cnt <= nd
+            out[r, s] = sel
+    return out
+
+
+@njit(**PJIT)
+def tiers_kernel(dist, code, cdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chunk):
+    """Tiers from the two thresholds; ``code``: 0 hidden, 1 eligible, 2 always high."""
+    rows, seq = dist.shape
+    nch = (seq + chunk - 1) // chunk
+    for task in prange(rows * nch):
+        r = task // nch
+        c = task % nch
+        cr = mask_row(r, cdims)
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        th = th_h[r]
+        tm = th_m[r]
+        ndh = nd_h[r]
+        ndm = nd_m[r]
+        cnt_h = tb_h[r, c]
+        cnt_m = tb_m[r, c]
+        for s in range(s1 - 1, s0 - 1, -1):
+            k = code[cr, s]
+            d = np.int64(dist[r, s])
+            # branch-free for most keys; only eligible ties at a threshold take the ordered path
+            tier = HIGH if d < th else (MID if d < tm else LOW)
+            tier = tier if k == 1 else (HIGH if k == 2 else HIDDEN)
+            if k == 1 and (d == th or d == tm):
+                tier = LOW
+                if d < tm:
+                    tier = MID
+                elif d == tm:
+                    cnt_m += 1
+                    if cnt_m <= ndm:
+                        tier = MID
+                if d < th:
+                    tier = HIGH
+                elif d == th:
+                    cnt_h += 1
+                    if cnt_h <= ndh:
+                        tier = HIGH
+            out[r, s] = tier
+    return out

@@ -1,0 +1,50 @@
+import pytest
+import torch
+from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress
+from transformers import DynamicCache
+
+from dashkv.baselines import Budget
+from dashkv.baselines.presses import press_method, recorder_for
+from dashkv.eval.protocol import block_logits, prefill
+
+
+@torch.no_grad()
+def _kvpress_itself(model, ids, question, press, eager):
+    """kvpress compressing during the prefill, then the question at the true positions (its pipeline)."""
+    cache = DynamicCache()
+    previous = model.config._attn_implementation
+    try:
+        if eager:
+            model.set_attn_implementation("eager")
+        with press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+    finally:
+        model.set_attn_implementation(previous)
+    return block_logits(model, cache, question, ids.shape[1])
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm"])
+@torch.no_grad()
+def test_recorded_scores_compress_exactly_like_kvpress(tiny_qwen2, name):
+    torch.manual_seed(0)
+    ids, question = torch.randint(0, 97, (1, 240)), torch.randint(0, 97, (1, 6))
+    budget = Budget(0.1, sinks=4, window=16)
+    method = press_method(name, budget)
+    kept = budget.kept(ids.shape[1])
+    ratio = 1.0 - (kept + 0.5) / ids.shape[1]
+    press = {"snapkv": SnapKVPress(ratio), "h2o": ObservedAttentionPress(ratio),
+             "streamingllm": StreamingLLMPress(ratio, n_sink=4)}[name]
+    expected = _kvpress_itself(tiny_qwen2, ids, question, press, eager=name == "h2o")
+
+    pre = prefill(tiny_qwen2, ids, recorder_for(tiny_qwen2, method.presses) if method.presses else None)
+    cache = method.build_cache(tiny_qwen2, pre)
+    assert cache.layers[0].keys.shape[-2] == kept
+    got = block_logits(tiny_qwen2, cache, question, pre.length)
+    assert torch.allclose(got, expected, atol=1e-4)
+    # the prefill itself is never compressed: every method starts from the same dense cache
+    assert pre.cache.layers[0].keys.shape[-2] == ids.shape[1]
+
+
+def test_unknown_press_is_named():
+    with pytest.raises(ValueError, match="quest"):
+        press_method("quest", Budget(0.05))

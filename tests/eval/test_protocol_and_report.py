@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from dashkv.eval import report
+from dashkv.eval.protocol import Block, make_block, score_block
+from dashkv.eval.store import ResultStore
+from dashkv.eval.tasks import TASKS
+from dashkv.eval.tasks.sample import TaskSample
+
+
+class _DigitTokenizer:
+    """One token per character: enough to check target spans and the digit rule."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        class Enc:
+            pass
+
+        enc = Enc()
+        enc.input_ids = [ord(c) for c in text]
+        enc.offset_mapping = [(i, i + 1) for i in range(len(text))]
+        return enc
+
+    def decode(self, ids):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def test_make_block_locates_targets_and_scores_them():
+    tok = _DigitTokenizer()
+    sample = TaskSample("t", 0, "ctx", "Q? ", "12, 345.", ("12", "345"))
+    block = make_block(tok, sample)
+    assert block.answer_start == 3 and block.targets == [(3, 4), (7, 9)]
+    gold = block.ids[0]
+    # predictions: entry i predicts block token answer_start + i; the last one the token after the answer
+    perfect = torch.cat([gold[3:], torch.tensor([ord("\n")])])
+    assert score_block(perfect, block, tok) == (1.0, [True, True])
+    wrong_digit = perfect.clone()
+    wrong_digit[5] = ord("9")  # "345" -> "395"
+    assert score_block(wrong_digit, block, tok) == (0.5, [True, False])
+    longer = perfect.clone()
+    longer[2] = ord("7")  # "12" followed by a digit instead of ","
+    assert score_block(longer, block, tok)[1] == [False, True]
+
+
+def _record(task, sample, method, budget, verdicts, **extra):
+    return {"task": task, "length": 2048, "sample": sample, "method": method, "budget": budget,
+            "score": sum(verdicts) / len(verdicts), "verdicts": verdicts, "kept_share": 0.1, **extra}
+
+
+def test_summary_paired_score_counts_only_what_full_attention_gets():
+    records = [
+        _record("multikey", 0, "full", None, [True]),
+        _record("multikey", 1, "full", None, [False]),
+        _record("multikey", 2, "full", None, [True]),
+        _record("multikey", 0, "dashkv", 0.05, [True], mid_share=0.15),
+        _record("multikey", 1, "dashkv", 0.05, [True], mid_share=0.15),  # full misses it: not in the pair
+        _record("multikey", 2, "dashkv", 0.05, [False], mid_share=0.15),
+        _record("multivalue", 0, "full", None, [True, True, False, False]),
+        _record("multivalue", 0, "dashkv", 0.05, [True, False, True, False], mid_share=0.15),
+    ]
+    summary = report.summarize(records)
+    dash = next(r for r in summary["retrieval"] if r["method"] == "dashkv")
+    assert dash["tasks"]["multikey@2048"]["score"] == pytest.approx(2 / 3)
+    assert dash["tasks"]["multikey@2048"]["paired"] == pytest.approx(1 / 2)
+    assert dash["tasks"]["multivalue@2048"]["paired"] == pytest.approx(1 / 2)
+    assert dash["paired_all"] == pytest.approx(2 / 4)
+    table = report.markdown(summary)
+    assert "| dashkv | 5 % |" in table and "0.67 (0.50)" in table
+
+
+def test_store_resumes_and_skips_a_torn_line(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.add(_record("passkey", 0, "full", None, [True]))
+    store.add(_record("passkey", 0, "snapkv", 0.02, [False]))
+    with (tmp_path / "r.jsonl").open("a") as handle:
+        handle.write('{"task": "passkey", "len')  # interrupted mid-write
+    again = ResultStore(tmp_path / "r.jsonl")
+    assert again.has("passkey", 2048, 0, "snapkv", 0.02) and again.has("passkey", 2048, 0, "full", None)
+    assert not again.has("passkey", 2048, 1, "full", None)
+    assert len(again.all()) == 2
+
+
+def test_needle_tasks_format_and_determinism(default_model):
+    _, tok = default_model
+    for name in ("multikey", "multivalue", "multiquery", "passkey", "variable_tracking"):
+        a, b = TASKS[name](tok, 1000, 5), TASKS[name](tok, 1000, 5)
+        assert a == b and a != TASKS[name](tok, 1000, 6)
+        assert a.question.endswith(" ") and a.question.startswith("\n\n")
+        assert 700 < len(tok(a.context).input_ids) <= 1000
+        for target in a.targets:
+            assert target in a.answer and target in a.context
+    mk = TASKS["multikey"](tok, 1000, 5)
+    assert mk.context.count("One of the special magic numbers for") == 4
+    assert f"\n\nOne of the special magic numbers for {mk.meta['asked']} is: {mk.targets[0]}.\n\n" in mk.context

@@ -1,0 +1,90 @@
+"""The method step through the fused CPU kernel against the reference chain of ops.
+
+``attention.tiered_step`` runs one fused kernel when the backend has ``dash_attention`` (the numba
+backend) and the reference ops one by one otherwise: distances, cross-head consensus, momentum,
+calibration, tiers, tiered attention. Both must agree: tiers exactly, outputs and weights within fp32
+rounding, for GQA groups, blocks of query tokens, padding, 1 and 2 code words and every calibration
+switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dashkv.attention import tiered_step, visibility
+from dashkv.config import DashKVConfig
+from dashkv.encoders import LayerHashEncoder
+from dashkv.ops import reference as ref
+
+cpu = pytest.importorskip("dashkv.ops.cpu", reason="the cpu backend needs numba")
+import dashkv.ops.cpu.api  # noqa: E402  (the chunk fixture shrinks its CHUNK)
+
+
+def _encoder(gen, heads, kv_heads, dim, bits):
+    enc = LayerHashEncoder(heads, kv_heads, dim, bits).eval()
+    with torch.no_grad():
+        enc.key_proj.normal_(generator=gen)
+        enc.query_skip.copy_(enc.key_proj.repeat_interleave(heads // kv_heads, dim=0))
+        enc.key_center.normal_(generator=gen)
+        enc.mid_temperature.uniform_(0.5, 1.5, generator=gen)
+        enc.mid_bias.normal_(generator=gen)
+        enc.residual.normal_(generator=gen).mul_(0.05)
+    return enc
+
+
+# (batch, heads, kv heads, tokens, keys, bits)
+SHAPES = [(1, 9, 3, 1, 1000, 64), (2, 4, 1, 3, 300, 128), (1, 8, 2, 2, 4097, 32), (1, 3, 3, 1, 65, 64)]
+CONFIGS = {
+    "default": dict(),
+    "no-consensus": dict(consensus=False),
+    "no-mid": dict(mid=0.0),
+    "strong-discounts": dict(spatial_discount=-9.0, temporal_discount=-5.0, vote_fraction=0.25),
+    "no-calibration": dict(consensus=False, momentum=False),
+}
+
+
+@pytest.fixture(params=[None, 64], ids=["chunk=default", "chunk=64"])
+def chunk(request, monkeypatch):
+    if request.param is not None:
+        monkeypatch.setattr(cpu.api, "CHUNK", request.param)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}kv{k}T{t}S{s}R{r}" for b, h, k, t, s, r in SHAPES])
+def test_fused_step_matches_the_reference_chain(shape, name, chunk):
+    batch, heads, kv_heads, tokens, keys, bits = shape
+    gen = torch.Generator().manual_seed(keys + tokens)
+    dim = 16
+    enc = _encoder(gen, heads, kv_heads, dim, bits)
+    cfg = DashKVConfig(**{**dict(bits=bits, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=()), **CONFIGS[name]})
+    query = torch.randn(batch, heads, tokens, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    value = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    codes, norms = enc.encode_key(key)
+    visible = visibility(batch, tokens, keys, None, key.device).clone()
+    if batch > 1:
+        visible[1, ..., : keys // 4] = False  # left padding
+    prior = torch.softmax(torch.randn(batch, tokens, keys, generator=gen) * 3, dim=-1)
+    args = (query, key, value, codes, norms, enc, cfg, visible, dim**-0.5, prior)
+    expected = tiered_step(*args, ops=ref)
+    got = tiered_step(*args, ops=cpu)
+    assert torch.equal(got.tiers, expected.tiers)
+    torch.testing.assert_close(got.output, expected.output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.probs, expected.probs, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_changes_the_tiers():
+    """The discounts matter in these cases (else the test above would not test them)."""
+    gen = torch.Generator().manual_seed(1)
+    enc = _encoder(gen, 9, 3, 16, 64)
+    key = torch.randn(1, 3, 1000, 16, generator=gen)
+    codes, norms = enc.encode_key(key)
+    query = torch.randn(1, 9, 1, 16, generator=gen)
+    visible = visibility(1, 1, 1000, None, key.device)
+    prior = torch.softmax(torch.randn(1, 1, 1000, generator=gen) * 3, dim=-1)
+    base = dict(bits=64, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=())
+    plain = DashKVConfig(**base, consensus=False, momentum=False)
+    calibrated = DashKVConfig(**base, **CONFIGS["strong-discounts"])
+    a = tiered_step(query, key, key, codes, norms, enc, plain, visible, 0.25, prior, ops=cpu)
+    b = tiered_step(query, key, key, codes, norms, enc, calibrated, visible, 0.25, prior, ops=cpu)
+    assert not torch.equal(a.tiers, b.tiers)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from dashkv.encoders import LayerHashEncoder
-from dashkv.ops.reference import budget_counts, expand_kv, hamming_distance, select_smallest
+from dashkv.ops.dispatch import get_backend
+from dashkv.ops.reference import budget_counts, expand_kv
 
 
 def eligible_mask(positions: torch.Tensor, length: int, sinks: int, window: int) -> torch.Tensor:
@@ -64,6 +65,8 @@ def recall_at(
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
         selected = ranks < k.unsqueeze(-1)
     else:
-        dist = hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])[0]
-        selected = select_smallest(dist.unsqueeze(0), eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
+        # the fast backend (exactly equal integers, tested): the reference popcount made the 8K report ~14 min
+        ops = get_backend("auto", queries.device)
+        dist = ops.hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])
+        selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
     return float(mass_recall(probs, selected, eligible.expand(heads, -1, -1)))

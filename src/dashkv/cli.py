@@ -135,6 +135,8 @@ def train(
     lr: float = typer.Option(1e-2),
     seq_len: int = typer.Option(2048, help="Tokens per training sequence."),
     sequences: int = typer.Option(64, help="Training sequences, evenly spread over the corpus."),
+    long_seq_len: int = typer.Option(8192, help="Tokens per long training sequence."),
+    long_sequences: int = typer.Option(4, help="Long training sequences (pairs further apart than seq_len)."),
     seed: int = typer.Option(0),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
 ) -> None:
@@ -147,18 +149,27 @@ def train(
 
     import dashkv
     from dashkv import corpus
-    from dashkv.training.collect import collect, read_corpus, token_windows
+    from dashkv.training.collect import LayerSignals, collect, read_corpus, token_windows
     from dashkv.training.train import TrainConfig, train_encoders
 
     start = time.perf_counter()
-    cfg = TrainConfig(bits=bits, steps=steps, lr=lr, seq_len=seq_len, sequences=sequences, seed=seed)
+    cfg = TrainConfig(bits=bits, steps=steps, lr=lr, seq_len=seq_len, sequences=sequences, seed=seed,
+                      long_seq_len=long_seq_len, long_sequences=long_sequences)
     lm, tok = dashkv.load_model(model)
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:
+        raise typer.BadParameter(f"seq_len/long_seq_len exceed the model's {limit} positions")
     text = read_corpus(corpus_files) if corpus_files else corpus.text("train")
-    windows = token_windows(tok, text, cfg.seq_len, cfg.sequences)
-    typer.echo(f"training on {len(windows)} sequences of {cfg.seq_len} tokens")
-    max_position = getattr(lm.config, "max_position_embeddings", None) if cfg.random_offsets else None
-    signals = collect(lm, windows, cfg.queries_per_sequence, cfg.min_position, cfg.seed,
-                      progress=lambda xs: tqdm(xs, desc="teacher signals"), max_position=max_position)
+    batches = [(cfg.seq_len, cfg.sequences)] + ([(cfg.long_seq_len, cfg.long_sequences)] if cfg.long_sequences else [])
+    signals = {}
+    for length, count in batches:
+        windows = token_windows(tok, text, length, count)
+        typer.echo(f"training on {len(windows)} sequences of {length} tokens")
+        part = collect(lm, windows, cfg.queries_per_sequence, cfg.min_position, cfg.seed,
+                       progress=lambda xs: tqdm(xs, desc=f"teacher signals, {length} tokens"),
+                       max_position=limit if cfg.random_offsets else None)
+        for layer, layer_signals in part.items():
+            signals.setdefault(layer, LayerSignals()).extend(layer_signals)
     encoders = train_encoders(lm, signals, cfg, output, progress=lambda xs: tqdm(xs, desc="layers"))
     del signals
     seconds = time.perf_counter() - start

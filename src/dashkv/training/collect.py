@@ -36,6 +36,11 @@ class LayerSignals:
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.stack(self.keys), torch.stack(self.queries), torch.stack(self.positions)
 
+    def extend(self, other: "LayerSignals") -> None:
+        """Append another collection's sequences (they may have another length: no longer stackable)."""
+        for name in ("keys", "values", "queries", "positions"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 class _Recorder:
     def __init__(self, positions: torch.Tensor, store: dict[int, LayerSignals], keep_values: bool):

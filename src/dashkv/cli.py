@@ -137,6 +137,9 @@ def train(
     sequences: int = typer.Option(64, help="Training sequences, evenly spread over the corpus."),
     long_seq_len: int = typer.Option(8192, help="Tokens per long training sequence."),
     long_sequences: int = typer.Option(4, help="Long training sequences (pairs further apart than seq_len)."),
+    forward_weight: float = typer.Option(
+        1.0, help="Weight of KL(P_teacher || P_student) added to the paper's KL(P_student || P_teacher); 0: the paper's loss."
+    ),
     seed: int = typer.Option(0),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
 ) -> None:
@@ -154,7 +157,7 @@ def train(
 
     start = time.perf_counter()
     cfg = TrainConfig(bits=bits, steps=steps, lr=lr, seq_len=seq_len, sequences=sequences, seed=seed,
-                      long_seq_len=long_seq_len, long_sequences=long_sequences)
+                      long_seq_len=long_seq_len, long_sequences=long_sequences, forward_weight=forward_weight)
     lm, tok = dashkv.load_model(model)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:

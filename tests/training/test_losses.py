@@ -1,6 +1,8 @@
+import math
+
 import torch
 
-from dashkv.training.losses import bit_balance, listwise_distillation, quantization
+from dashkv.training.losses import bit_balance, listwise_distillation, mass_covering_distillation, quantization
 
 
 def test_distillation_is_kl_student_to_teacher():
@@ -15,6 +17,22 @@ def test_distillation_is_kl_student_to_teacher():
     torch.testing.assert_close(got, expected)
     assert not torch.isclose(got, reverse)  # the direction matters and is KL(P_s || P_t)
     assert listwise_distillation(teacher, teacher, mask).abs() < 1e-6
+
+
+def test_mass_covering_term_is_kl_teacher_to_student_and_punishes_a_missed_mode():
+    # the teacher gives a third of its mass to one key (a needle) and spreads the rest over 19 keys;
+    # the student matches the spread keys and all but ignores the needle
+    teacher = torch.zeros(1, 21)
+    teacher[0, 0] = math.log(19 * 0.3 / 0.7)
+    student = teacher.clone()
+    student[0, 0] = -8.0
+    mask = torch.ones(1, 21, dtype=torch.bool)
+    mask[0, 20] = False
+    pt, ps = torch.softmax(teacher[:, :20], -1), torch.softmax(student[:, :20], -1)
+    got = mass_covering_distillation(student, teacher, mask)
+    torch.testing.assert_close(got, (pt * (pt.log() - ps.log())).sum())
+    assert got > 5 * listwise_distillation(student, teacher, mask)  # the paper's direction barely notices
+    assert mass_covering_distillation(teacher, teacher, mask).abs() < 1e-6
 
 
 def test_distillation_gradient_is_finite_with_masked_keys():

@@ -131,16 +131,21 @@ def train(
         None, "--corpus", help="Training text: plain-text or jsonl ('text' field) files; default: built-in corpus."
     ),
     bits: int = typer.Option(64),
-    steps: int = typer.Option(400, help="Stage-1 optimisation steps per layer."),
+    steps: int = typer.Option(1600, help="Stage-1 optimisation steps per layer."),
+    keys_per_step: int = typer.Option(512, help="Random subset of a sequence's keys each step ranks."),
     lr: float = typer.Option(1e-2),
     seq_len: int = typer.Option(2048, help="Tokens per training sequence."),
     sequences: int = typer.Option(64, help="Training sequences, evenly spread over the corpus."),
     long_seq_len: int = typer.Option(8192, help="Tokens per long training sequence."),
     long_sequences: int = typer.Option(4, help="Long training sequences (pairs further apart than seq_len)."),
+    natural_share: float = typer.Option(0.4, help="Share of training sequences kept at positions 0.. (others: random offsets)."),
     forward_weight: float = typer.Option(
-        1.0, help="Weight of KL(P_teacher || P_student) added to the paper's KL(P_student || P_teacher); 0: the paper's loss."
+        2.0, help="Weight of KL(P_teacher || P_student) added to the paper's KL(P_student || P_teacher); 0: the paper's loss."
     ),
     seed: int = typer.Option(0),
+    bf16: Optional[bool] = typer.Option(
+        None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
+    ),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
 ) -> None:
     """Train hash encoders for a model (resumes from OUTPUT/checkpoint) and report held-out quality."""
@@ -152,16 +157,19 @@ def train(
 
     import dashkv
     from dashkv import corpus
-    from dashkv.training.collect import LayerSignals, collect, read_corpus, token_windows
+    from dashkv.training.collect import LayerSignals, collect, fast_bfloat16, read_corpus, token_windows
     from dashkv.training.train import TrainConfig, train_encoders
 
     start = time.perf_counter()
-    cfg = TrainConfig(bits=bits, steps=steps, lr=lr, seq_len=seq_len, sequences=sequences, seed=seed,
-                      long_seq_len=long_seq_len, long_sequences=long_sequences, forward_weight=forward_weight)
+    cfg = TrainConfig(bits=bits, steps=steps, keys_per_step=keys_per_step, lr=lr, seq_len=seq_len, sequences=sequences,
+                      seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
+                      natural_share=natural_share, forward_weight=forward_weight)
     lm, tok = dashkv.load_model(model)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:
         raise typer.BadParameter(f"seq_len/long_seq_len exceed the model's {limit} positions")
+    if bf16 is None:
+        bf16 = fast_bfloat16(lm.device)
     text = read_corpus(corpus_files) if corpus_files else corpus.text("train")
     batches = [(cfg.seq_len, cfg.sequences)] + ([(cfg.long_seq_len, cfg.long_sequences)] if cfg.long_sequences else [])
     signals = {}
@@ -170,14 +178,16 @@ def train(
         typer.echo(f"training on {len(windows)} sequences of {length} tokens")
         part = collect(lm, windows, cfg.queries_per_sequence, cfg.min_position, cfg.seed,
                        progress=lambda xs: tqdm(xs, desc=f"teacher signals, {length} tokens"),
-                       max_position=limit if cfg.random_offsets else None)
+                       max_position=limit if cfg.random_offsets else None, bfloat16=bf16,
+                       natural_share=cfg.natural_share)
         for layer, layer_signals in part.items():
             signals.setdefault(layer, LayerSignals()).extend(layer_signals)
     encoders = train_encoders(lm, signals, cfg, output, progress=lambda xs: tqdm(xs, desc="layers"))
     del signals
     seconds = time.perf_counter() - start
     typer.echo(f"trained in {seconds / 60:.1f} min -> {output}")
-    metrics = {"train_seconds": seconds, "config": cfg.__dict__ | {"dense_layers": list(cfg.dense_layers)}}
+    metrics = {"train_seconds": seconds, "teacher_bf16": bf16,
+               "config": cfg.__dict__ | {"dense_layers": list(cfg.dense_layers)}}
     if report:
         from dashkv.training.quality_cli import held_out_report
 

@@ -20,6 +20,29 @@ def test_random_offsets_rotate_vectors_but_keep_the_teacher(tiny_qwen2):
     assert tiny_qwen2.config._attn_implementation == "sdpa"
 
 
+def test_natural_share_leaves_that_share_of_sequences_at_positions_from_zero(tiny_qwen2):
+    ids = [torch.randint(3, 97, (48,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    plain = collect(tiny_qwen2, ids, 8, 16, seed=0)[0]
+    natural = collect(tiny_qwen2, ids, 8, 16, seed=0, max_position=512, natural_share=1.0)[0]
+    mixed = collect(tiny_qwen2, ids, 8, 16, seed=0, max_position=512, natural_share=0.5)[0]
+    assert all(torch.equal(a, b) for a, b in zip(plain.keys, natural.keys))
+    at_zero = [any(torch.equal(m, a) for a in plain.keys) for m in mixed.keys]
+    assert 0 < sum(at_zero) < len(ids)  # some sequences kept their positions, the others moved
+
+
+def test_bfloat16_teacher_stores_float32_vectors_close_to_the_float32_teacher(tiny_qwen2):
+    ids = [torch.randint(3, 97, (96,), generator=torch.Generator().manual_seed(0))]
+    exact = collect(tiny_qwen2, ids, 16, 32, seed=0)
+    fast = collect(tiny_qwen2, ids, 16, 32, seed=0, bfloat16=True)
+    for layer in exact:
+        a, b = exact[layer], fast[layer]
+        assert b.keys[0].dtype == b.queries[0].dtype == torch.float32
+        assert not torch.equal(a.keys[0], b.keys[0])  # the forward did run in bf16 ...
+        pa = teacher_probs(a.queries[0], a.keys[0], a.positions[0], 0.25)
+        pb = teacher_probs(b.queries[0], b.keys[0], b.positions[0], 0.25)
+        assert 0.5 * (pa - pb).abs().sum(-1).mean() < 0.02  # ... and the teacher barely moved
+
+
 def test_sample_positions_and_windows():
     gen = torch.Generator().manual_seed(0)
     pos = sample_positions(100, 10, 40, gen)

@@ -7,8 +7,17 @@ import torch
 
 from dashkv import HashEncoders
 from dashkv.training.collect import LayerSignals
-from dashkv.training.quality import recall_at
-from dashkv.training.train import TrainConfig, fit_mid_tier, tiered_log_probs, train_layer_codes, whitened_start
+from dashkv.training.quality import recall_at, recalls_at, teacher_probs
+from dashkv.ops.reference import expand_kv
+from dashkv.training.train import (
+    TrainConfig,
+    fit_mid_tier,
+    grouped_scores,
+    sample_keys,
+    tiered_log_probs,
+    train_layer_codes,
+    whitened_start,
+)
 
 
 def _planted(seed, sequences=4, length=256, queries=48):
@@ -109,3 +118,35 @@ def test_training_takes_sequences_of_different_lengths(tiny_qwen2):
     loss = train_layer_codes(encoder, signals, cfg, 0.25, torch.Generator().manual_seed(0))
     assert math.isfinite(loss)
     assert not torch.equal(before["key_proj"], encoder.state_dict()["key_proj"])
+
+
+def test_grouped_scores_equal_the_scores_against_keys_copied_per_query_head():
+    torch.manual_seed(0)
+    for heads, kv_heads in ((9, 3), (8, 8), (8, 1)):
+        queries, keys = torch.randn(heads, 5, 16), torch.randn(kv_heads, 11, 16)
+        want = queries @ expand_kv(keys.unsqueeze(0), heads)[0].transpose(-1, -2)
+        torch.testing.assert_close(grouped_scores(queries, keys), want)
+
+
+def test_sample_keys_keeps_columns_aligned_and_drops_queries_left_without_keys():
+    keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 3)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :8], mask[1, 9] = True, True  # query 1 sees one key; query 2 none
+    rows = torch.tensor([5, 6, 7])
+    sub_keys, sub_mask, sub_rows = sample_keys(keys, mask, rows, 4, torch.Generator().manual_seed(0))
+    cols = sub_keys[0, 0, :, 0].long()
+    assert sub_keys.shape == (1, 2, 4, 3) and cols.unique().numel() == 4
+    kept = [i for i in range(3) if mask[i, cols].any()]
+    assert torch.equal(sub_rows, rows[kept]) and torch.equal(sub_mask, mask[kept][:, cols])
+    assert sample_keys(keys, mask, rows, 10, torch.Generator())[0] is keys  # short sequences: all keys
+
+
+def test_recalls_at_several_budgets_equal_one_budget_at_a_time(tiny_qwen2):
+    encoder = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0]
+    signals = _planted(0)
+    k, q, p = signals.keys[0], signals.queries[0], signals.positions[0]
+    probs = teacher_probs(q, k, p, 0.25)
+    for enc in (None, encoder):
+        several = recalls_at(enc, q, k, p, (0.05, 0.3, 0.1), 2, 8, probs)
+        assert several == [recall_at(enc, q, k, p, f, 2, 8, 0.25) for f in (0.05, 0.3, 0.1)]
+        assert several[0] <= several[2] <= several[1]  # selections are nested

@@ -75,6 +75,8 @@ def collect(
     progress=None,
     keep_values: bool = False,
     max_position: int | None = None,
+    bfloat16: bool = False,
+    natural_share: float = 0.0,
 ) -> dict[int, LayerSignals]:
     """Run the full-attention model over token sequences and capture each layer's q (sampled) and k.
 
@@ -91,6 +93,16 @@ def collect(
         see cover every rotation a long context produces. Measured on SmolLM2: encoders trained on
         2K windows at their natural positions ranked keys at 8K worse than random projections
         (high-tier recall 0.25 vs 0.53).
+    natural_share : float -- with ``max_position``, the share of sequences (drawn at random) left at
+        their natural positions: every real context starts at position 0, so low positions are the
+        ones queries meet most. Measured on SmolLM2 (layers 2/14/27, 1600 steps): adding 11 natural
+        2K windows to 56 offset ones raised the held-out gap closed at 2K from 0.63 to 0.66 (8K 0.71
+        -> 0.70).
+    bfloat16 : bool -- run the forward under bf16 autocast (captured vectors are still stored as
+        float32). Measured on SmolLM2 at 2K: 2.3x faster on a CPU with AMX, and the teacher's attention
+        moves by a total-variation distance of 0.004-0.008 per query (keys by 0.3-0.6 % relative),
+        far below what the encoders resolve. Training uses it where :func:`fast_bfloat16`; held-out
+        quality does not.
     """
     generator = torch.Generator().manual_seed(seed)
     store: dict[int, LayerSignals] = {}
@@ -101,16 +113,26 @@ def collect(
             length = ids.shape[-1]
             positions = sample_positions(length, queries_per_sequence, min_position, generator)
             offset = 0
-            if max_position is not None and max_position > length:
+            natural = float(torch.rand(1, generator=generator)) < natural_share
+            if max_position is not None and max_position > length and not natural:
                 offset = int(torch.randint(max_position - length + 1, (1,), generator=generator))
             position_ids = (offset + torch.arange(length)).view(1, -1).to(model.device)
             AttentionInterface.register(COLLECT_NAME, _Recorder(positions, store, keep_values))
             model.set_attn_implementation(COLLECT_NAME)
             # the base model: the LM head is not needed (10 % of the work)
-            model.base_model(ids.view(1, -1).to(model.device), position_ids=position_ids, use_cache=False)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                model.base_model(ids.view(1, -1).to(model.device), position_ids=position_ids, use_cache=False)
     finally:
         model.set_attn_implementation(previous)
     return store
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat float32 on ``device``: CUDA, or a CPU with AMX or AVX-512 BF16
+    (elsewhere bf16 autocast is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 def token_windows(

@@ -7,8 +7,15 @@ import torch
 
 
 def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` over the keys where ``mask`` is True; masked keys get ``-inf``."""
-    return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    """``log_softmax`` over the keys where ``mask`` is True; masked keys get ``0`` (not ``-inf``:
+    ``-inf - -inf`` in a KL would poison the gradient, and masked keys are weighted out anyway)."""
+    return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
+
+
+def row_kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` over the masked keys of each row, averaged over rows (log-probabilities from
+    :func:`masked_log_softmax`, so that training computes each softmax once for both directions)."""
+    return (log_p.exp() * mask * (log_p - log_q)).sum(-1).mean()
 
 
 def listwise_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -26,10 +33,7 @@ def listwise_distillation(student_logits: torch.Tensor, teacher_logits: torch.Te
     -------
     Tensor[], float
     """
-    # masked entries are zeroed before the difference: -inf - -inf would poison the gradient
-    log_ps = masked_log_softmax(student_logits, mask).masked_fill(~mask, 0.0)
-    log_pt = masked_log_softmax(teacher_logits, mask).masked_fill(~mask, 0.0)
-    return (log_ps.exp() * mask * (log_ps - log_pt)).sum(-1).mean()
+    return row_kl(masked_log_softmax(student_logits, mask), masked_log_softmax(teacher_logits, mask), mask)
 
 
 def mass_covering_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,10 +42,9 @@ def mass_covering_distillation(student_logits: torch.Tensor, teacher_logits: tor
     The paper's direction lets the student ignore a key the teacher attends to sharply, so long as
     the student puts little mass there: trained codes then missed the needle of a pass key in
     retrieval heads (pass key at a 5 % budget 6/10, random projection 9/10). This term makes missing
-    a teacher mode expensive. Same arguments and masking as :func:`listwise_distillation`, which with
-    the roles swapped computes exactly this.
+    a teacher mode expensive. Same arguments and masking as :func:`listwise_distillation`.
     """
-    return listwise_distillation(teacher_logits, student_logits, mask)
+    return row_kl(masked_log_softmax(teacher_logits, mask), masked_log_softmax(student_logits, mask), mask)
 
 
 def bit_balance(codes: torch.Tensor) -> torch.Tensor:

@@ -55,18 +55,39 @@ def recall_at(
 
     queries [H, n, D], keys [Hkv, L, D], positions [n].
     """
-    heads, length = queries.shape[0], keys.shape[1]
     probs = teacher_probs(queries, keys, positions, scaling)
+    return recalls_at(encoder, queries, keys, positions, (fraction,), sinks, window, probs)[0]
+
+
+@torch.no_grad()
+def recalls_at(
+    encoder: LayerHashEncoder | None,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    fractions: tuple[float, ...],
+    sinks: int,
+    window: int,
+    probs: torch.Tensor,
+) -> list[float]:
+    """:func:`recall_at` for several budgets, ranking the keys once; ``probs`` the teacher's
+    attention (:func:`teacher_probs` of the same vectors)."""
+    heads, length = queries.shape[0], keys.shape[1]
     eligible = eligible_mask(positions, length, sinks, window).unsqueeze(0)  # [1, n, L]
-    k = budget_counts(eligible.sum(-1), fraction)  # [1, n]
     if encoder is None:
         scores = torch.where(eligible, probs, torch.full_like(probs, -1.0))
         order = scores.argsort(dim=-1, descending=True)
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
-        selected = ranks < k.unsqueeze(-1)
     else:
         # the fast backend (exactly equal integers, tested): the reference popcount made the 8K report ~14 min
         ops = get_backend("auto", queries.device)
         dist = ops.hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])
-        selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
-    return float(mass_recall(probs, selected, eligible.expand(heads, -1, -1)))
+    out = []
+    for fraction in fractions:
+        k = budget_counts(eligible.sum(-1), fraction)  # [1, n]
+        if encoder is None:
+            selected = ranks < k.unsqueeze(-1)
+        else:
+            selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
+        out.append(float(mass_recall(probs, selected, eligible.expand(heads, -1, -1))))
+    return out

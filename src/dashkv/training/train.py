@@ -269,12 +269,12 @@ def high_recall(
     """Mean high-tier recall of the layer with the given discounts over precomputed ``_layer_view``s
     (prior: previous layer's teacher attention per sequence, Tensor[1, n, L])."""
     total = 0.0
+    fast = get_backend("auto", views[0][0].device)
     for i, (keys, queries, positions, codes, norms, query_codes, dist, probs) in enumerate(views):
         length = keys.shape[1]
         eligible = eligible_mask(positions, length, cfg.sinks, cfg.window).view(1, 1, -1, length)
         visible = visible_mask(positions, length).view(1, 1, -1, length)
         k_high = budget_counts(eligible.sum(-1), cfg.high)
-        fast = get_backend("auto", keys.device)
         space = consensus_mask(dist, eligible, k_high, cfg.bits, 0.5, fast) if spatial else None
         time_ = momentum_mask(prior[i], visible, 4.0) if temporal and prior is not None else None
         final, lo = calibrate(dist, space, time_, spatial, temporal)

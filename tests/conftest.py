@@ -30,3 +30,10 @@ def default_model():
     import dashkv
 
     return dashkv.load_model()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (CI has none; run on a GPU machine)"))])
+def device(request):
+    """Tests that take it run on the CPU, and on a GPU where there is one."""
+    return torch.device(request.param)

@@ -123,6 +123,22 @@ def demo(
     typer.echo(hashed.stats.table())
 
 
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {name!r}: no CUDA device is available here; use cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
 @app.command()
 def train(
     output: Path = typer.Option(Path("runs/encoders"), help="Where the encoders, checkpoint and metrics.json go."),
@@ -147,6 +163,7 @@ def train(
         None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
     ),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
+    device: str = typer.Option("auto", help="Where the teacher runs and the encoders train: auto (cuda when there), cpu, cuda, cuda:N."),
 ) -> None:
     """Train hash encoders for a model (resumes from OUTPUT/checkpoint) and report held-out quality."""
     import json
@@ -165,6 +182,7 @@ def train(
                       seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
                       natural_share=natural_share, forward_weight=forward_weight)
     lm, tok = dashkv.load_model(model)
+    lm.to(_device(device))
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:
         raise typer.BadParameter(f"seq_len/long_seq_len exceed the model's {limit} positions")
@@ -175,7 +193,7 @@ def train(
     signals = {}
     for length, count in batches:
         windows = token_windows(tok, text, length, count)
-        typer.echo(f"training on {len(windows)} sequences of {length} tokens")
+        typer.echo(f"training on {len(windows)} sequences of {length} tokens, on {lm.device}")
         part = collect(lm, windows, cfg.queries_per_sequence, cfg.min_position, cfg.seed,
                        progress=lambda xs: tqdm(xs, desc=f"teacher signals, {length} tokens"),
                        max_position=limit if cfg.random_offsets else None, bfloat16=bf16,

@@ -20,7 +20,7 @@ from dashkv.training.train import (
 )
 
 
-def _planted(seed, sequences=4, length=256, queries=48):
+def _planted(seed, sequences=4, length=256, queries=48, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     sig = LayerSignals()
     for _ in range(sequences):
@@ -28,24 +28,24 @@ def _planted(seed, sequences=4, length=256, queries=48):
         keys[..., 4:] *= 6.0
         q = torch.randn(6, queries, 16, generator=gen) * 3.0
         q[..., 4:] = 0.0
-        sig.keys.append(keys)
-        sig.queries.append(q)
-        sig.positions.append(torch.randint(128, length, (queries,), generator=gen).sort().values)
+        sig.keys.append(keys.to(device))
+        sig.queries.append(q.to(device))
+        sig.positions.append(torch.randint(128, length, (queries,), generator=gen).sort().values.to(device))
     return sig
 
 
-def test_training_beats_random_on_planted_structure(tiny_qwen2):
+def test_training_beats_random_on_planted_structure(tiny_qwen2, device):
     cfg = TrainConfig(bits=32, steps=150, lr=1e-2, seq_len=256, min_position=128, sinks=2, window=8)
-    encoder = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0]
-    random = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0]
-    train, held_out = _planted(0), _planted(1)
+    encoder = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0].to(device)
+    random = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0].to(device)
+    train, held_out = _planted(0, device=device), _planted(1, device=device)
 
     def recall(enc):
         return sum(recall_at(enc, q, k, p, 0.05, 2, 8, 0.25)
                    for k, q, p in zip(held_out.keys, held_out.queries, held_out.positions)) / 4
 
     before = recall(random)
-    short = train_layer_codes(HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0], train,
+    short = train_layer_codes(HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0].to(device), train,
                               TrainConfig(**{**cfg.__dict__, "steps": 10}), 0.25, torch.Generator().manual_seed(0))
     final = train_layer_codes(encoder, train, cfg, 0.25, torch.Generator().manual_seed(0))
     assert final < short  # the loss goes down with training

@@ -50,7 +50,7 @@ class _Recorder:
         signals = self.store.setdefault(module.layer_idx, LayerSignals())
         signals.keys.append(key[0].detach().float().clone())
         signals.queries.append(query[0, :, self.positions].detach().float().clone())
-        signals.positions.append(self.positions.clone())
+        signals.positions.append(self.positions.to(key.device, copy=True))
         if self.keep_values:
             signals.values.append(value[0].detach().float().clone())
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)

@@ -16,12 +16,12 @@ from dashkv.ops.reference import budget_counts, expand_kv
 
 def eligible_mask(positions: torch.Tensor, length: int, sinks: int, window: int) -> torch.Tensor:
     """Keys a query may select: ``sinks <= j <= position - window``. Tensor[n, L] bool."""
-    j = torch.arange(length).view(1, -1)
+    j = torch.arange(length, device=positions.device).view(1, -1)
     return (j >= sinks) & (j <= positions.view(-1, 1) - window)
 
 
 def visible_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.arange(length).view(1, -1) <= positions.view(-1, 1)
+    return torch.arange(length, device=positions.device).view(1, -1) <= positions.view(-1, 1)
 
 
 def teacher_probs(queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ def recalls_at(
     if encoder is None:
         scores = torch.where(eligible, probs, torch.full_like(probs, -1.0))
         order = scores.argsort(dim=-1, descending=True)
-        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length, device=order.device).expand_as(order))
     else:
         # the fast backend (exactly equal integers, tested): the reference popcount made the 8K report ~14 min
         ops = get_backend("auto", queries.device)

@@ -20,7 +20,7 @@ QUERIES_PER_WINDOW = 64
 
 def held_out_report(model, tokenizer, encoders: HashEncoders, cfg, echo=print) -> dict:
     """Recall, output error and next-token KL on held-out text at 2K and 8K tokens."""
-    random = HashEncoders.random(model, bits=encoders.bits, seed=cfg.seed + 1)
+    random = HashEncoders.random(model, bits=encoders.bits, seed=cfg.seed + 1).to(model.device)
     config = DashKVConfig(bits=encoders.bits, high=cfg.high, mid=cfg.mid, sinks=cfg.sinks, window=cfg.window,
                           dense_layers=cfg.dense_layers, momentum=False)
     text = corpus.text("eval")
@@ -32,8 +32,8 @@ def held_out_report(model, tokenizer, encoders: HashEncoders, cfg, echo=print) -
         rows = layer_report(encoders, random, signals, config)
         del signals
         ids = windows[0].view(1, -1)
-        rows["mean"]["next_token_kl_trained"] = next_token_kl(model, ids, encoders, config)
-        rows["mean"]["next_token_kl_random"] = next_token_kl(model, ids, random, config)
+        kls = next_token_kl(model, ids, {"trained": encoders, "random": random}, config)
+        rows["mean"]["next_token_kl_trained"], rows["mean"]["next_token_kl_random"] = kls["trained"], kls["random"]
         rows["mean"]["gap_closed@5%"] = gap_closed(rows["mean"])
         results[str(length)] = rows
         echo(format_table(length, rows))

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers import DynamicCache
 
 import dashkv
 from dashkv.attention import tiered_step
-from dashkv.cache import DashKVCache
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
 from dashkv.ops import reference as ops
@@ -79,12 +81,21 @@ def gap_closed(mean_row: dict, tag: str = "5%") -> float:
 
 
 @torch.no_grad()
-def next_token_kl(model, ids: torch.Tensor, encoders: HashEncoders, config: DashKVConfig, tail: int = 32) -> float:
+def next_token_kl(
+    model, ids: torch.Tensor, encoder_sets: dict[str, HashEncoders], config: DashKVConfig, tail: int = 32
+) -> dict[str, float]:
     """Mean ``KL(P_full || P_dashkv)`` of the next-token distributions over the last ``tail`` tokens of
-    ``ids`` [1, L]: the first ``L - tail`` are prefilled densely, the tail goes through the tiers."""
-    full = model(ids).logits[0, -tail:].log_softmax(-1)
-    cache = DashKVCache(encoders, config.dense_layers)
-    with dashkv.enable(model, encoders, config):
-        model(ids[:, :-tail], past_key_values=cache)
-        hashed = model(ids[:, -tail:], past_key_values=cache).logits[0].log_softmax(-1)
-    return float((full.exp() * (full - hashed)).sum(-1).mean())
+    ``ids`` [1, L], for each named encoder set: the first ``L - tail`` tokens are prefilled densely, the
+    tail goes through the tiers. The prefill runs once and each method continues from a copy of its
+    cache (DASH-KV encodes the copied keys), so the report costs one long forward, not three."""
+    ids = ids.to(model.device)
+    prefix = DynamicCache()
+    model(ids[:, :-tail], past_key_values=prefix)
+    full = model(ids[:, -tail:], past_key_values=copy.deepcopy(prefix)).logits[0].log_softmax(-1)
+    results = {}
+    for name, encoders in encoder_sets.items():
+        cache = copy.deepcopy(prefix)
+        with dashkv.enable(model, encoders, config):
+            hashed = model(ids[:, -tail:], past_key_values=cache).logits[0].log_softmax(-1)
+        results[name] = float((full.exp() * (full - hashed)).sum(-1).mean())
+    return results

@@ -106,7 +106,7 @@ def whitened_start(encoder: LayerHashEncoder, keys: torch.Tensor, queries: torch
     groups = encoder.num_heads // encoder.num_kv_heads
     for h in range(encoder.num_kv_heads):
         centred = (keys[:, h] - center[h]).reshape(-1, keys.shape[-1])
-        cov = centred.T @ centred / centred.shape[0] + eps * torch.eye(keys.shape[-1])
+        cov = centred.T @ centred / centred.shape[0] + eps * torch.eye(keys.shape[-1], device=keys.device)
         values, vectors = torch.linalg.eigh(cov)
         projection = encoder.key_proj[h].clone()
         encoder.key_proj[h] = projection @ (vectors * values.rsqrt()) @ vectors.T
@@ -145,7 +145,7 @@ def sample_keys(
         cols = torch.randperm(length, generator=generator)[:count].sort().values
         keys, mask = keys[:, :, cols], mask[:, cols]
         keep = mask.any(-1)
-        mask, rows = mask[keep], rows[keep]
+        mask, rows = mask[keep], rows[keep.to(rows.device)]
     return keys, mask, rows
 
 
@@ -159,7 +159,8 @@ def train_layer_codes(
     sequence with probability proportional to its length, so every key weighs the same."""
     whitened_start(encoder, torch.cat(signals.keys, dim=1).unsqueeze(0), torch.cat(signals.queries, dim=1).unsqueeze(0))
     heads = signals.queries[0].shape[0]
-    temperature = torch.nn.Parameter(torch.full((heads,), math.sqrt(cfg.bits)))  # asymmetric: student side only
+    device = signals.queries[0].device
+    temperature = torch.nn.Parameter(torch.full((heads,), math.sqrt(cfg.bits), device=device))  # asymmetric: student side only
     params = [p for n, p in encoder.named_parameters() if n.startswith(("query_", "key_proj"))]
     optimizer = torch.optim.Adam(params + [temperature], lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
@@ -329,7 +330,9 @@ def train_encoders(
     output: Path,
     progress=None,
 ) -> HashEncoders:
-    """Train every non-dense layer's encoders; resume from ``output/checkpoint`` when present."""
+    """Train every non-dense layer's encoders; resume from ``output/checkpoint`` when present.
+
+    Training runs where the signals are (the model's device: a GPU when the model is on one)."""
     output = Path(output)
     torch.manual_seed(cfg.seed)
     resumed = load_checkpoint(output)
@@ -339,6 +342,7 @@ def train_encoders(
         logger.info("resuming: %d layers already trained", len(done))
     else:
         encoders, done = HashEncoders.random(model, bits=cfg.bits, seed=cfg.seed), {}
+    encoders.to(next(model.parameters()).device)
     scaling = encoders.shape["head_dim"] ** -0.5
     layers = [i for i in range(encoders.shape["num_layers"]) if i not in cfg.dense_layers]
     iterator = progress(layers) if progress is not None else layers

@@ -163,7 +163,9 @@ def train(
         None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
     ),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
-    device: str = typer.Option("auto", help="Where the teacher runs and the encoders train: auto (cuda when there), cpu, cuda, cuda:N."),
+    device: str = typer.Option(
+        "auto", help="Where the teacher runs and the encoders train: auto (cuda when there), cpu, cuda, cuda:N."
+    ),
 ) -> None:
     """Train hash encoders for a model (resumes from OUTPUT/checkpoint) and report held-out quality."""
     import json

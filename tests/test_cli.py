@@ -71,6 +71,7 @@ def test_train_writes_encoders_and_held_out_metrics(tmp_path, device):
     HashEncoders.from_pretrained(out).check_compatible(model)
 
 
-def test_train_refuses_a_device_that_is_not_there():
-    result = runner.invoke(app, ["train", "--device", "tpu"])
-    assert result.exit_code != 0 and "--device" in result.output
+@pytest.mark.parametrize("name", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_train_refuses_a_device_that_is_not_there(name):
+    result = runner.invoke(app, ["train", "--device", name])
+    assert result.exit_code != 0 and "--device" in result.output and "auto" in result.output

@@ -180,11 +180,12 @@ def train(
     from dashkv.training.train import TrainConfig, train_encoders
 
     start = time.perf_counter()
+    target = _device(device)  # before the model loads: a bad --device fails at once
     cfg = TrainConfig(bits=bits, steps=steps, keys_per_step=keys_per_step, lr=lr, seq_len=seq_len, sequences=sequences,
                       seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
                       natural_share=natural_share, forward_weight=forward_weight)
     lm, tok = dashkv.load_model(model)
-    lm.to(_device(device))
+    lm.to(target)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:
         raise typer.BadParameter(f"seq_len/long_seq_len exceed the model's {limit} positions")

@@ -131,11 +131,11 @@ def _device(name: str):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter(f"--device {name!r}: no CUDA device is available here; use cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 

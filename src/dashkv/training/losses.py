@@ -42,9 +42,10 @@ def mass_covering_distillation(student_logits: torch.Tensor, teacher_logits: tor
     The paper's direction lets the student ignore a key the teacher attends to sharply, so long as
     the student puts little mass there: trained codes then missed the needle of a pass key in
     retrieval heads (pass key at a 5 % budget 6/10, random projection 9/10). This term makes missing
-    a teacher mode expensive. Same arguments and masking as :func:`listwise_distillation`.
+    a teacher mode expensive. Same arguments and masking as :func:`listwise_distillation`, which with
+    the roles swapped computes exactly this.
     """
-    return row_kl(masked_log_softmax(teacher_logits, mask), masked_log_softmax(student_logits, mask), mask)
+    return listwise_distillation(teacher_logits, student_logits, mask)
 
 
 def bit_balance(codes: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,9 @@ def recalls_at(
         ops = get_backend("auto", queries.device)
         dist = ops.hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])
     out = []
+    n_eligible = eligible.sum(-1)  # [1, n]
     for fraction in fractions:
-        k = budget_counts(eligible.sum(-1), fraction)  # [1, n]
+        k = budget_counts(n_eligible, fraction)
         if encoder is None:
             selected = ranks < k.unsqueeze(-1)
         else:

@@ -25,17 +25,21 @@ from dashkv.training.quality import recalls_at, teacher_probs, visible_mask
 
 
 @torch.no_grad()
-def output_error(encoder, signals: LayerSignals, config: DashKVConfig, scaling: float) -> float:
-    """Mean ``|o_tiered - o_full| / |o_full|`` over sampled queries and heads (no momentum prior)."""
+def output_error(
+    encoder, signals: LayerSignals, config: DashKVConfig, scaling: float, probs: list[torch.Tensor]
+) -> float:
+    """Mean ``|o_tiered - o_full| / |o_full|`` over sampled queries and heads (no momentum prior);
+    ``probs`` the teacher's attention of each window (:func:`teacher_probs`)."""
     errors = []
-    for keys, values, queries, positions in zip(signals.keys, signals.values, signals.queries, signals.positions):
+    windows = zip(signals.keys, signals.values, signals.queries, signals.positions, probs)
+    for keys, values, queries, positions, teacher in windows:
         k, v, q = keys.unsqueeze(0), values.unsqueeze(0), queries.unsqueeze(0)
         codes, norms = encoder.encode_key(k)
         visible = visible_mask(positions, keys.shape[1]).view(1, 1, -1, keys.shape[1])
         # the configured backend (fast on CPU; its tiers equal the reference's, tested): the reference
         # made the 8K report take over ten minutes
         tiered = tiered_step(q, k, v, codes, norms, encoder, config, visible, scaling, None).output
-        full = teacher_probs(queries, keys, positions, scaling) @ ops.expand_kv(v, q.shape[1])[0]
+        full = teacher @ ops.expand_kv(v, q.shape[1])[0]
         errors.append(((tiered[0] - full).norm(dim=-1) / full.norm(dim=-1).clamp(min=1e-9)).mean())
     return float(torch.stack(errors).mean())
 
@@ -66,8 +70,8 @@ def layer_report(
                 tag = f"{round(frac * 100)}%"
                 row[f"{name}_high@{tag}"], row[f"{name}_high+mid@{tag}"] = means[2 * i], means[2 * i + 1]
         if sig.values:
-            row["output_error_trained"] = output_error(encoders.layers[layer], sig, config, scaling)
-            row["output_error_random"] = output_error(random.layers[layer], sig, config, scaling)
+            row["output_error_trained"] = output_error(encoders.layers[layer], sig, config, scaling, probs)
+            row["output_error_random"] = output_error(random.layers[layer], sig, config, scaling, probs)
         rows[layer] = row
     keys = next(iter(rows.values())).keys()
     rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}

@@ -10,7 +10,7 @@ from dashkv.corpus import text
 
 
 def _assert_all_high_generate_equals_full(model, ids: torch.Tensor, new_tokens: int) -> None:
-    enc = HashEncoders.random(model, bits=64, seed=0)
+    enc = HashEncoders.random(model, bits=DashKVConfig.bits, seed=0)
     with torch.no_grad():
         full = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         with dashkv.enable(model, enc, DashKVConfig.full(dense_layers=())) as stats:

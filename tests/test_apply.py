@@ -30,7 +30,7 @@ def test_tiny_qwen2_gqa_generates_under_dashkv(tiny_qwen2):
 @pytest.mark.parametrize("dense_layers", [(), (0,)])
 @pytest.mark.parametrize("momentum", [False, True])
 def test_full_config_equals_full_attention_logits(tiny_qwen2, dense_layers, momentum):
-    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=0)
+    enc = HashEncoders.random(tiny_qwen2, bits=DashKVConfig.bits, seed=0)
     ids = _ids(80, seed=1)
     with torch.no_grad():
         dense = tiny_qwen2(ids).logits
@@ -76,7 +76,7 @@ def test_bad_input_raises_and_leaves_model_untouched(tiny_qwen2, default_model):
         with dashkv.enable(tiny_qwen2, HashEncoders.random(tiny_qwen2, bits=32), DashKVConfig(bits=64)):
             pass
     with pytest.raises(ValueError, match="dense_layers"):
-        with dashkv.enable(tiny_qwen2, HashEncoders.random(tiny_qwen2, bits=64), DashKVConfig(dense_layers=(7,))):
+        with dashkv.enable(tiny_qwen2, HashEncoders.random(tiny_qwen2, bits=DashKVConfig.bits), DashKVConfig(dense_layers=(7,))):
             pass
     assert tiny_qwen2.config._attn_implementation == impl and not tiny_qwen2._forward_pre_hooks
 

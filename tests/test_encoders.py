@@ -17,6 +17,29 @@ def test_save_load_round_trip_gives_identical_codes(tiny_qwen2, tmp_path):
     assert loaded.shape == enc.shape and loaded.fingerprint == enc.fingerprint
 
 
+def test_half_precision_file_loads_into_float32_encoders_with_the_rounded_weights(tiny_qwen2, tmp_path):
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    enc.save_pretrained(tmp_path, dtype=torch.float16)
+    loaded = HashEncoders.from_pretrained(tmp_path)
+    full = (tmp_path / "encoders.safetensors").stat().st_size
+    enc.save_pretrained(tmp_path / "fp32")
+    assert full < 0.6 * (tmp_path / "fp32" / "encoders.safetensors").stat().st_size
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, enc.state_dict()[name].half().float())
+
+
+def test_a_file_dtype_that_cannot_hold_the_weights_is_refused(tiny_qwen2, tmp_path):
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    with pytest.raises(ValueError, match="dtype=torch.int8"):
+        enc.save_pretrained(tmp_path, dtype=torch.int8)
+    with torch.no_grad():
+        enc.layers[0].key_proj.mul_(1e6)  # beyond float16's range
+    with pytest.raises(ValueError, match="dtype=torch.float16 cannot hold"):
+        enc.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert not (tmp_path / "half").exists()  # nothing half-written
+
+
 def test_random_encoders_are_seeded_simhash(tiny_qwen2):
     a = HashEncoders.random(tiny_qwen2, bits=32, seed=1)
     b = HashEncoders.random(tiny_qwen2, bits=32, seed=1)

@@ -25,7 +25,7 @@ def test_shipped_encoders_are_found_for_the_default_model_only(default_model, ti
 
 def test_shipped_encoders_fit_the_size_limit():
     size = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
-    assert 0 < size <= 25 * 2**20
+    assert 0 < size <= 25 * 10**6  # 25 MB
 
 
 def test_enable_takes_the_shipped_encoders_by_default(default_model):

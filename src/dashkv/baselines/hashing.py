@@ -92,7 +92,7 @@ def symmetric(encoders: HashEncoders) -> HashEncoders:
     return sym.eval()
 
 
-def ablation_methods(model, encoders: HashEncoders, budget: Budget, bits: tuple[int, ...] = (16, 32, 128),
+def ablation_methods(model, encoders: HashEncoders, budget: Budget, bits: tuple[int, ...] = (16, 32, 64, 128),
                      mid_ratio: float = 3.0, seed: int = 0, trained: bool = True) -> list[TieredMethod]:
     """The paper's ablation as rows: hash only, + consensus, + momentum, (+ mid tier = full DASH-KV,
     the ``dashkv`` row), symmetric encoders, and other code lengths (random encoders: trained ones are

@@ -175,13 +175,14 @@ def run(
     output: Path | None = None,
     progress=None,
     bandwidth_mb: int = 512,
+    bits: int = DashKVConfig.bits,
 ) -> dict:
     """The whole benchmark; writes ``attention.json`` and ``attention.png`` to ``output`` if given."""
     import numba
 
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    config = DashKVConfig(bits=64, high=0.05, mid=0.15, consensus=True, momentum=False)
+    config = DashKVConfig(bits=bits, high=0.05, mid=0.15, consensus=True, momentum=False)
     cases = [(shape, seq) for shape in shapes for seq in sizes]
     iterator = progress(cases) if progress is not None else cases
     results = {

@@ -148,7 +148,8 @@ def run(
     try:
         encoders, source = shipped_encoders(model), "shipped"
     except ValueError:
-        encoders, source = dashkv.HashEncoders.random(model, bits=64, seed=0), "random projection (64 bits, seed 0)"
+        bits = dashkv.DashKVConfig.bits
+        encoders, source = dashkv.HashEncoders.random(model, bits=bits, seed=0), f"random projection ({bits} bits, seed 0)"
     limit = getattr(model.config, "max_position_embeddings", None) or max(lengths) + new_tokens
     contexts = [context_ids(tokenizer, min(n, limit - new_tokens)) for n in lengths]
     results = {

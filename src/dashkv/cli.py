@@ -160,7 +160,9 @@ def train(
     ),
     seed: int = typer.Option(0),
     layer_workers: int = typer.Option(2, help="Layers trained at once (threads sharing the torch threads)."),
-    weights_dtype: str = typer.Option("float16", help="dtype of the saved weights file: float16 (half the size), float32, bfloat16."),
+    weights_dtype: str = typer.Option(
+        "float16", help="dtype of the saved weights file: float16 (half the size), float32, bfloat16."
+    ),
     bf16: Optional[bool] = typer.Option(
         None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
     ),

@@ -395,7 +395,9 @@ def train_encoders(
     main_threads, main_numba = torch.get_num_threads(), numba.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        jobs = {layer: pool.submit(train_layer, encoders, layer, train_signals, cfg, scaling, threads) for layer in todo}
+        jobs = {
+            layer: pool.submit(train_layer, encoders, layer, train_signals, cfg, scaling, threads) for layer in todo
+        }
         iterator = progress(todo) if progress is not None else todo
         for layer in iterator:  # in order: workers take layers in order, so waiting in order loses little
             done[str(layer)] = jobs[layer].result()

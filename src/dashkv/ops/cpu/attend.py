@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, prefetch, task_span
+from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, prefetch, prefetch_l2, task_span
 from dashkv.ops.reference import HIGH, MID
 
 
@@ -39,7 +39,7 @@ def estimates(
         ui = np.uintp(i)
         if i + AHEAD < hi:
             for j in range(0, dim, line):
-                prefetch(vals, kbase + idx[np.uintp(i + AHEAD)], j)
+                prefetch_l2(vals, kbase + idx[np.uintp(i + AHEAD)], j)
         krow = np.uintp(kbase + idx[ui])
         d = dd[ui]
         if 0 <= d <= bits:
@@ -115,7 +115,7 @@ def attend_chunk(
             for j in range(0, dim, line):
                 prefetch(keys, kbase + idx[np.uintp(i + AHEAD)], j)
         for j in range(0, dim, line):
-            prefetch(vals, kbase + idx[ui], j)
+            prefetch_l2(vals, kbase + idx[ui], j)
         krow = np.uintp(kbase + idx[ui])
         dot = np.float32(0.0)
         for j in range(dim):

@@ -52,11 +52,9 @@ def bits_as_f32(typingctx, x):
     return types.float32(x), codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, row, col):
-    """Software prefetch (to all cache levels) of the line holding ``arr[row, col]`` of a 2-D array."""
-    if not isinstance(arr, types.Array) or arr.ndim != 2:
-        return None
+def _prefetch_codegen(locality: int):
+    """``llvm.prefetch`` of the line holding ``arr[row, col]``: read, ``locality`` 3 = all cache levels
+    (``prefetcht0``), 2 = L2 and below (``prefetcht1``), data cache."""
 
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
@@ -65,10 +63,28 @@ def prefetch(typingctx, arr, row, col):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return types.void(arr, types.intp, types.intp), codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, row, col):
+    """Software prefetch (to all cache levels) of the line holding ``arr[row, col]`` of a 2-D array."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+    return types.void(arr, types.intp, types.intp), _prefetch_codegen(3)
+
+
+@intrinsic
+def prefetch_l2(typingctx, arr, row, col):
+    """Software prefetch to L2, not L1, of the line holding ``arr[row, col]`` of a 2-D array: for rows
+    needed a while later (V rows fetched during the logits). Into L1 they evicted the byte tables and
+    K rows in use: fused step at 128K 9.1-9.5 -> 8.5-8.7 ms (`bench_case`, three alternating pairs, 2026-11-30)."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+    return types.void(arr, types.intp, types.intp), _prefetch_codegen(2)
 
 
 AHEAD = 16  # selected rows prefetched ahead: sparse gathers are latency-bound without it

@@ -76,7 +76,8 @@ def test_bad_input_raises_and_leaves_model_untouched(tiny_qwen2, default_model):
         with dashkv.enable(tiny_qwen2, HashEncoders.random(tiny_qwen2, bits=32), DashKVConfig(bits=64)):
             pass
     with pytest.raises(ValueError, match="dense_layers"):
-        with dashkv.enable(tiny_qwen2, HashEncoders.random(tiny_qwen2, bits=DashKVConfig.bits), DashKVConfig(dense_layers=(7,))):
+        encoders = HashEncoders.random(tiny_qwen2, bits=DashKVConfig.bits)
+        with dashkv.enable(tiny_qwen2, encoders, DashKVConfig(dense_layers=(7,))):
             pass
     assert tiny_qwen2.config._attn_implementation == impl and not tiny_qwen2._forward_pre_hooks
 

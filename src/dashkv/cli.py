@@ -185,10 +185,13 @@ def train(
 
     start = time.perf_counter()
     target = _device(device)  # before the model loads: a bad --device fails at once
-    cfg = TrainConfig(bits=bits, steps=steps, keys_per_step=keys_per_step, lr=lr, seq_len=seq_len, sequences=sequences,
-                      seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
-                      natural_share=natural_share, forward_weight=forward_weight, layer_workers=layer_workers,
-                      weights_dtype=weights_dtype)
+    try:
+        cfg = TrainConfig(bits=bits, steps=steps, keys_per_step=keys_per_step, lr=lr, seq_len=seq_len,
+                          sequences=sequences, seed=seed, long_seq_len=long_seq_len, long_sequences=long_sequences,
+                          natural_share=natural_share, forward_weight=forward_weight, layer_workers=layer_workers,
+                          weights_dtype=weights_dtype)
+    except ValueError as error:  # a clear message naming the option, not a traceback
+        raise typer.BadParameter(str(error)) from None
     lm, tok = dashkv.load_model(model)
     lm.to(target)
     limit = getattr(lm.config, "max_position_embeddings", None)

@@ -90,16 +90,15 @@ def next_token_kl(
 ) -> dict[str, float]:
     """Mean ``KL(P_full || P_dashkv)`` of the next-token distributions over the last ``tail`` tokens of
     ``ids`` [1, L], for each named encoder set: the first ``L - tail`` tokens are prefilled densely, the
-    tail goes through the tiers. The prefill runs once and each method continues from a copy of its
-    cache (DASH-KV encodes the copied keys), so the report costs one long forward, not three."""
+    tail goes through the tiers. The prefill runs once: each encoder set continues from a copy of its
+    cache (DASH-KV encodes the copied keys), full attention from the cache itself, so the report costs
+    one long forward, not three."""
     ids = ids.to(model.device)
     prefix = DynamicCache()
     model(ids[:, :-tail], past_key_values=prefix)
-    full = model(ids[:, -tail:], past_key_values=copy.deepcopy(prefix)).logits[0].log_softmax(-1)
-    results = {}
+    hashed = {}
     for name, encoders in encoder_sets.items():
-        cache = copy.deepcopy(prefix)
         with dashkv.enable(model, encoders, config):
-            hashed = model(ids[:, -tail:], past_key_values=cache).logits[0].log_softmax(-1)
-        results[name] = float((full.exp() * (full - hashed)).sum(-1).mean())
-    return results
+            hashed[name] = model(ids[:, -tail:], past_key_values=copy.deepcopy(prefix)).logits[0].log_softmax(-1)
+    full = model(ids[:, -tail:], past_key_values=prefix).logits[0].log_softmax(-1)  # last: it may extend prefix
+    return {name: float((full.exp() * (full - h)).sum(-1).mean()) for name, h in hashed.items()}

@@ -31,7 +31,7 @@ import torch
 
 from dashkv.calibration import calibrate, consensus_mask, momentum_mask
 from dashkv.codes import beta_schedule
-from dashkv.encoders import HashEncoders, LayerHashEncoder
+from dashkv.encoders import STORAGE_DTYPES, HashEncoders, LayerHashEncoder
 from dashkv.ops import reference as ops
 from dashkv.ops.dispatch import get_backend
 from dashkv.ops.reference import MidTierInputs, budget_counts, expand_kv
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 DISCOUNT_GRID = (0, -2, -4, -8)
-WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
+WEIGHTS_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in STORAGE_DTYPES)  # the names TrainConfig takes
 
 
 @dataclass
@@ -414,6 +414,5 @@ def train_encoders(
             tensor.copy_(tensor.to(dtype))
     encoders.save_pretrained(output, dtype=dtype)
     shutil.rmtree(output / CHECKPOINT, ignore_errors=True)  # finished: nothing left to resume
-    done = dict(sorted(done.items(), key=lambda item: int(item[0])))
     (output / "training.json").write_text(json.dumps({"config": asdict(cfg), "layers": done}, indent=2) + "\n")
     return encoders

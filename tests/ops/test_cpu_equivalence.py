@@ -99,6 +99,21 @@ def test_hamming_distance_exact(shape):
 
 
 @pytest.mark.parametrize("shape", CASES, ids=IDS)
+def test_code_scan_plan_distances_and_chunk_histograms_exact(shape, chunk):
+    _, qc, kc, _ = _case(3, *shape)
+    words = qc.shape[-1]
+    dist, hist = cpu.code_scan_plan(qc, kc)()
+    want = ref.hamming_distance(qc, kc).flatten(0, 2)
+    assert torch.equal(torch.from_numpy(dist).to(torch.int32), want)
+    size = cpu.api.CHUNK
+    for c in range(hist.shape[1]):  # bin 1 + d counts distance d; every key is eligible
+        rows = want[:, c * size : (c + 1) * size]
+        counts = torch.stack([torch.bincount(row, minlength=64 * words + 1) for row in rows])
+        assert torch.equal(torch.from_numpy(hist[:, c, 1 : 64 * words + 2]).long(), counts)
+        assert (hist[:, c, 0] == 0).all() and (hist[:, c, 64 * words + 2 :] == 0).all()
+
+
+@pytest.mark.parametrize("shape", CASES, ids=IDS)
 def test_thresholds_and_selection_exact(shape, chunk):
     gen, qc, kc, visible = _case(1, *shape)
     bits = shape[-1]

@@ -3,11 +3,12 @@
 For each cache length S and head shape, one decode token (T = 1), fp32: dense
 ``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (``ops.cpu.dash_attention``:
 distances, tiers, exact high tier and estimated mid tier), the same kernel with the high tier only,
-and the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel).
-Timings interleave the methods, repeat, and report median and min-max. Also: the machine's read
-bandwidth measured in the same run, the GB/s of the code scan alone (the fused kernel's first pass:
-distances to every key code and their histograms), and the cost of encoding a query and of coding
-one new key.
+and the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel),
+and the memory floor of the fused kernel's tiers (:mod:`dashkv.bench.floor`: reading the K/V rows it
+reads and nothing else). Timings interleave the methods, repeat, and report median and min-max. Also:
+the machine's read bandwidth measured in the same run, the GB/s of the code scan alone (the fused
+kernel's first pass: distances to every key code and their histograms), and the cost of encoding a
+query and of coding one new key.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ METHODS = {
     "dashkv_fused": "DASH-KV fused kernel (high + mid)",
     "dashkv_high": "DASH-KV fused kernel, high tier only",
     "dashkv_step": "DASH-KV method step (encode + consensus + fused)",
+    "dashkv_floor": "row reads alone (K of high, V of high + mid): the memory floor",
 }
 SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 SIZES = (1024, 4096, 16384, 32768, 65536, 131072)
@@ -94,8 +96,10 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     Methods, interleaved in every repeat: ``sdpa`` (dense, GQA), ``dashkv_fused`` (the fused kernel:
     distances, tiers, exact high + estimated mid tier), ``dashkv_high`` (the same with ``mid = 0``:
     high tier only) and ``dashkv_step`` (the whole method step: query encoding, consensus, the fused
-    kernel, probabilities and tiers for the cache statistics).
+    kernel, probabilities and tiers for the cache statistics) and ``dashkv_floor`` (reading the rows
+    that the fused kernel's tiers read, and nothing else: :mod:`dashkv.bench.floor`).
     """
+    from dashkv.bench import floor
     from dashkv.ops import cpu
 
     heads, kv_heads, dim = SHAPES[shape]
@@ -129,9 +133,20 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     def method():
         tiered_step(query, key, value, codes, norms, encoder, config, visible, scaling, None, cpu)
 
-    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only, "dashkv_step": method}
+    _, _, tiers = cpu.dash_attention(
+        query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always, mid, return_tiers=True
+    )
+    lists = floor.row_lists(tiers, cpu.CHUNK)
+    flat_k, flat_v = (t[0].reshape(-1, dim).numpy() for t in (key, value))
+    rows_sum = torch.empty(heads, -(-seq // cpu.CHUNK), dim).numpy()
+
+    def row_reads():
+        floor.read_rows(flat_k, flat_v, *lists, kv_heads, rows_sum)
+
+    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only, "dashkv_step": method,
+           "dashkv_floor": row_reads}
     timings = _time(fns, repeats, warmup)
-    scan = _time({"scan": lambda: cpu.code_scan(query_codes, codes)}, repeats, warmup)["scan"]
+    scan = _time({"scan": cpu.code_scan_plan(query_codes, codes)}, repeats, warmup)["scan"]
     encode_query = _time({"q": lambda: encoder.encode_query(query)}, repeats, warmup)["q"]
     new_key = key[:, :, :1]
     encode_key = _time({"k": lambda: encoder.encode_key(new_key)}, repeats, warmup)["k"]
@@ -144,6 +159,7 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
         "head_dim": dim,
         **{name: asdict(t) for name, t in timings.items()},
         **{f"speedup_{name[7:]}": timings["sdpa"].median / timings[name].median for name in fns if name != "sdpa"},
+        "fused_over_floor": timings["dashkv_fused"].median / timings["dashkv_floor"].median,
         "dense_kv_bytes": 2 * key.numel() * 4,
         "code_bytes": code_bytes,
         "code_scan_ms": asdict(scan),
@@ -230,15 +246,18 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     """Markdown table of the cases: medians in ms and speed-ups over SDPA in the same run."""
     lines = ["| shape | S | SDPA ms | fused ms | fused × | high-only ms | high-only × | step ms | step × | "
-             "scan GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "floor ms | floor × | scan GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         lines.append(
             f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
             f"{c['speedup_fused']:.1f} | {c['dashkv_high']['median']:.2f} | {c['speedup_high']:.1f} | "
-            f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | {c['code_scan_gbps']:.1f} |"
+            f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | {c['dashkv_floor']['median']:.2f} | "
+            f"{c['speedup_floor']:.1f} | {c['code_scan_gbps']:.1f} |"
         )
     bw = results["machine"]["read_bandwidth_gbps"]
-    lines.append(f"\nread bandwidth measured in the same run: {bw:.1f} GB/s")
+    lines.append("\nfloor: reading the K/V rows of the fused kernel's tiers and nothing else; floor × is the most "
+                 "these tiers can give over SDPA on this machine")
+    lines.append(f"read bandwidth measured in the same run: {bw:.1f} GB/s")
     for shape, by_method in results.get("slopes_16k_128k", {}).items():
         text = ", ".join(f"{name} {slope:.2f}" for name, slope in by_method.items())
         lines.append(f"log-log slope 16K-128K, {shape}: {text}")

@@ -32,7 +32,7 @@ parallel launch waits until every worker gets a time slice; ``OMP_WAIT_POLICY=pa
 from dashkv.ops.cpu.api import (
     CHUNK,
     assign_tiers,
-    code_scan,
+    code_scan_plan,
     dash_attention,
     hamming_distance,
     kth_smallest,
@@ -50,7 +50,7 @@ __all__ = [
     "MidTierInputs",
     "assign_tiers",
     "budget_counts",
-    "code_scan",
+    "code_scan_plan",
     "dash_attention",
     "expand_kv",
     "hamming_distance",

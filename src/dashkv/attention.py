@@ -106,10 +106,14 @@ def tiered_step(
     query_codes = encoder.encode_query(q32)
 
     always = always_high(visible, config.sinks, config.window)
-    eligible = visible & ~always
-    n_eligible = eligible.sum(-1)
-    k_high = budget_counts(n_eligible, config.high)
-    k_mid = budget_counts(n_eligible, config.high + config.mid) - k_high
+    fused = getattr(ops, "dash_attention", None)
+    if fused is not None:  # budgets as fractions: the fused kernel counts each row's eligible keys itself
+        k_high, k_mid = config.high, config.mid
+    else:
+        eligible = visible & ~always
+        n_eligible = eligible.sum(-1)
+        k_high = budget_counts(n_eligible, config.high)
+        k_mid = budget_counts(n_eligible, config.high + config.mid) - k_high
 
     temporal = None
     if config.momentum and prior is not None and prior.shape[-1] == key.shape[-2]:
@@ -131,7 +135,6 @@ def tiered_step(
             bias=encoder.mid_bias.detach(),
             residual=encoder.residual.detach(),
         )
-    fused = getattr(ops, "dash_attention", None)
     if fused is not None:  # the same steps in one kernel, without [B, H, T, S] intermediates
         votes = vote_threshold(query.shape[1], config.vote_fraction) if config.consensus else 0
         output, probs, tiers = fused(

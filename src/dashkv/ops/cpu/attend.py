@@ -137,10 +137,12 @@ def attend_chunk(
 
 @njit(**JIT)
 def merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, factor):
-    """Combine chunk partials. Mid logits move by the anchor offset (mean ``exact - estimate`` over the
-    row's high keys; 0 without high keys); ``factor[row, c, tier] = weight of that partial / L``."""
+    """Combine chunk partials (in float64) into ``out`` (float32). Mid logits move by the anchor offset
+    (mean ``exact - estimate`` over the row's high keys; 0 without high keys); ``factor[row, c, tier] =
+    weight of that partial / L``."""
     rows, nch = m_part.shape[0], m_part.shape[1]
     dim = out.shape[1]
+    row_sum = np.empty(dim, np.float64)
     for r in range(rows):
         off = 0.0
         if mid_on:
@@ -166,15 +168,16 @@ def merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, fa
             factor[r, c, 0] = w0
             factor[r, c, 1] = w1
             total += l_part[r, c, 0] * w0 + l_part[r, c, 1] * w1
-        for j in range(dim):
-            out[r, j] = 0.0
+        row_sum[:] = 0.0
         for c in range(nch):
             for k in range(2):
                 w = factor[r, c, k] / total
                 factor[r, c, k] = w
                 if w != 0.0:
                     for j in range(dim):
-                        out[r, j] += acc_part[r, c, k, j] * w
+                        row_sum[j] += acc_part[r, c, k, j] * w
+        for j in range(dim):
+            out[r, j] = row_sum[j]
     return out
 
 

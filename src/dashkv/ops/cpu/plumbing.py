@@ -103,6 +103,39 @@ def cos_table(bits: int) -> np.ndarray:
     return torch.cos(math.pi * torch.arange(bits + 1, dtype=torch.float32) / bits).numpy()
 
 
+_TABLES: dict[tuple, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+_TABLES_LIMIT = 256  # entries: a few models' layers
+
+
+def residual_tables(residual: torch.Tensor, heads: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte tables (:func:`byte_tables`) and ``sum phi`` per head of the residual bit weights, kept
+    between calls: the weights change only in training, and rebuilding the tables took a tenth of
+    a decode step at 2K keys. A hit needs equal contents (``torch.equal`` with a private copy), so
+    weights changed in place, or freed and their memory reused, are never served stale tables."""
+    weights = residual.detach().to(torch.float32).reshape(heads, -1)[:, :bits]
+    key = (weights.data_ptr(), heads, bits)
+    hit = _TABLES.get(key)
+    if hit is not None and torch.equal(hit[0], weights):
+        return hit[1], hit[2]
+    if len(_TABLES) >= _TABLES_LIMIT:
+        _TABLES.clear()
+    copy = weights.clone()
+    tab = byte_tables(np.ascontiguousarray(copy.numpy()))
+    sumphi = copy.sum(-1).numpy()
+    _TABLES[key] = (copy, tab, sumphi)
+    return tab, sumphi
+
+
+def _f32(t, shape: tuple[int, ...]) -> np.ndarray:
+    """``t`` broadcast to ``shape`` as a flat float32 array (a view when it already is one)."""
+    t = torch.as_tensor(t).detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if tuple(t.shape) != shape:
+        t = t.expand(shape)
+    return as_numpy(t).reshape(-1)
+
+
 def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], key_shape: tuple[int, ...], words: int):
     """Per-head tables and flat views of the mid-tier inputs (dummies when ``mid`` is None).
 
@@ -116,19 +149,14 @@ def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], key_shap
     bits = int(mid.bits)
     if bits < 1 or bits > 64 * words or words > 2:
         raise ValueError(f"mid tier needs 1..{64 * words} bits in at most 2 words, got bits={bits}")
-    residual = mid.residual.detach().to(torch.float32).reshape(heads, -1)[:, :bits]
-    tab = byte_tables(np.ascontiguousarray(residual.numpy()))
-    sumphi = residual.sum(-1).numpy()
-    def f32(t, shape):
-        return as_numpy(torch.as_tensor(t).detach().to(torch.float32).expand(shape)).reshape(-1)
-
+    tab, sumphi = residual_tables(mid.residual, heads, bits)
     return (
         True,
-        f32(mid.query_norm, query_shape),
-        f32(mid.key_norm, key_shape),
-        f32(mid.query_dot_center, query_shape),
-        f32(mid.temperature, (heads,)),
-        f32(mid.bias, (heads,)),
+        _f32(mid.query_norm, query_shape),
+        _f32(mid.key_norm, key_shape),
+        _f32(mid.query_dot_center, query_shape),
+        _f32(mid.temperature, (heads,)),
+        _f32(mid.bias, (heads,)),
         tab,
         sumphi,
         cos_table(bits),
@@ -144,13 +172,14 @@ def budget_counts_np(num_eligible: np.ndarray, fraction: float) -> np.ndarray:
 
 def new_parts(rows: int, seq: int, dim: int, chunk: int):
     """Per (row, chunk) partials: max and sum exp and sum exp * v of high ``[..., 0]`` and mid
-    ``[..., 1]`` keys, the anchor numerator and the number of high keys."""
+    ``[..., 1]`` keys, the anchor numerator and the number of high keys. Uninitialised: the attention
+    kernels write every (row, chunk) entry."""
     nch = max(1, -(-seq // chunk))
-    m_part = np.full((rows, nch, 2), -np.inf, np.float32)
-    l_part = np.zeros((rows, nch, 2), np.float64)
-    acc_part = np.zeros((rows, nch, 2, dim), np.float32)
-    gap_part = np.zeros((rows, nch), np.float64)
-    nhigh_part = np.zeros((rows, nch), np.int64)
+    m_part = np.empty((rows, nch, 2), np.float32)
+    l_part = np.empty((rows, nch, 2), np.float64)
+    acc_part = np.empty((rows, nch, 2, dim), np.float32)
+    gap_part = np.empty((rows, nch), np.float64)
+    nhigh_part = np.empty((rows, nch), np.int64)
     return m_part, l_part, acc_part, gap_part, nhigh_part
 
 
@@ -158,10 +187,12 @@ def merge_parts(parts, mid_on, probs, tiers, shape, dtype, chunk):
     """Merge the partials into ``[B, H, T, D]`` in ``dtype``; normalise ``probs`` in place if given."""
     nbatch, heads, tokens, dim = shape
     m_part = parts[0]
-    out = np.empty((nbatch * heads * tokens, dim), np.float64)
+    out = np.empty((nbatch * heads * tokens, dim), np.float32)
     factor = np.empty(m_part.shape, np.float64)
     merge_kernel(*parts, mid_on, out, factor)
-    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim).to(torch.float32).to(dtype)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
+    if dtype != torch.float32:
+        output = output.to(dtype)
     if probs is None:
         return output, None
     scale_probs(probs, tiers, factor, chunk)
@@ -171,10 +202,9 @@ def merge_parts(parts, mid_on, probs, tiers, shape, dtype, chunk):
 def codes_of(visible: torch.Tensor, always: torch.Tensor | None) -> torch.Tensor:
     """One byte per key: 0 hidden, 1 eligible, 2 always high (visible sinks and window)."""
     visible = visible.to(torch.bool)
-    code = visible.to(torch.uint8)
-    if always is not None:
-        code = code + (visible & always.to(torch.bool)).to(torch.uint8)
-    return code
+    if always is None:
+        return visible.to(torch.uint8)
+    return visible.to(torch.uint8) + (visible & always.to(torch.bool))
 
 
 

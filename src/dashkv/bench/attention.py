@@ -4,8 +4,8 @@ For each cache length S and head shape, one decode token (T = 1), fp32: dense
 ``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (``ops.cpu.dash_attention``:
 distances, tiers, exact high tier and estimated mid tier), the same kernel with the high tier only,
 and the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel),
-and the memory floor of the fused kernel's tiers (:mod:`dashkv.bench.floor`: reading the K/V rows it
-reads and nothing else). Timings interleave the methods, repeat, and report median and min-max. Also:
+and the memory floor of the fused kernel's tiers (:mod:`dashkv.bench.floor`: reading the key codes
+and the K/V rows it reads, and nothing else). Timings interleave the methods, repeat, and report median and min-max. Also:
 the machine's read bandwidth measured in the same run, the GB/s of the code scan alone (the fused
 kernel's first pass: distances to every key code and their histograms), and the cost of encoding a
 query and of coding one new key.
@@ -33,7 +33,7 @@ METHODS = {
     "dashkv_fused": "DASH-KV fused kernel (high + mid)",
     "dashkv_high": "DASH-KV fused kernel, high tier only",
     "dashkv_step": "DASH-KV method step (encode + consensus + fused)",
-    "dashkv_floor": "row reads alone (K of high, V of high + mid): the memory floor",
+    "dashkv_floor": "reads alone (codes, K of high, V of high + mid): the memory floor",
 }
 SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 SIZES = (1024, 4096, 16384, 32768, 65536, 131072)
@@ -96,8 +96,8 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     Methods, interleaved in every repeat: ``sdpa`` (dense, GQA), ``dashkv_fused`` (the fused kernel:
     distances, tiers, exact high + estimated mid tier), ``dashkv_high`` (the same with ``mid = 0``:
     high tier only) and ``dashkv_step`` (the whole method step: query encoding, consensus, the fused
-    kernel, probabilities and tiers for the cache statistics) and ``dashkv_floor`` (reading the rows
-    that the fused kernel's tiers read, and nothing else: :mod:`dashkv.bench.floor`).
+    kernel, probabilities and tiers for the cache statistics) and ``dashkv_floor`` (reading the codes
+    and the rows that the fused kernel's tiers read, and nothing else: :mod:`dashkv.bench.floor`).
     """
     from dashkv.bench import floor
     from dashkv.ops import cpu
@@ -138,10 +138,12 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     )
     lists = floor.row_lists(tiers, cpu.CHUNK)
     flat_k, flat_v = (t[0].reshape(-1, dim).numpy() for t in (key, value))
+    flat_codes = codes[0].reshape(kv_heads * seq, -1).numpy()
     rows_sum = torch.empty(heads, -(-seq // cpu.CHUNK), dim).numpy()
+    codes_mix = torch.empty(kv_heads, -(-seq // cpu.CHUNK), dtype=torch.int64).numpy()
 
     def row_reads():
-        floor.read_rows(flat_k, flat_v, *lists, kv_heads, rows_sum)
+        floor.read_rows(flat_k, flat_v, flat_codes, *lists, kv_heads, cpu.CHUNK, rows_sum, codes_mix)
 
     fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only, "dashkv_step": method,
            "dashkv_floor": row_reads}
@@ -255,8 +257,8 @@ def table(results: dict) -> str:
             f"{c['speedup_floor']:.1f} | {c['code_scan_gbps']:.1f} |"
         )
     bw = results["machine"]["read_bandwidth_gbps"]
-    lines.append("\nfloor: reading the K/V rows of the fused kernel's tiers and nothing else; floor × is the most "
-                 "these tiers can give over SDPA on this machine")
+    lines.append("\nfloor: reading the key codes and the K/V rows of the fused kernel's tiers, and nothing else; "
+                 "floor × is the most these tiers can give over SDPA on this machine")
     lines.append(f"read bandwidth measured in the same run: {bw:.1f} GB/s")
     for shape, by_method in results.get("slopes_16k_128k", {}).items():
         text = ", ".join(f"{name} {slope:.2f}" for name, slope in by_method.items())

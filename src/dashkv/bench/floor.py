@@ -1,13 +1,14 @@
-"""The memory floor of a tiered decode step: reading the rows its tiers need, and nothing else.
+"""The memory floor of a tiered decode step: reading what its tiers need, and nothing else.
 
-The fused kernel reads, per query head, the K rows of its high keys and the V rows of its high and
-mid keys. :func:`read_rows` reads exactly those rows in the kernel's order (tasks of one KV head and
-one chunk, the GQA group's heads in turn, rows prefetched :data:`~dashkv.ops.cpu.jit.AHEAD` ahead)
-and only sums them: no distances, no selection, no softmax. Its time is what any kernel with the
-same tiers pays for memory on this machine, so ``SDPA time / floor time`` bounds the speed-up that
-these tiers can give. Random row gathers run well below the streaming read bandwidth (whole cache
-lines, little help from the hardware prefetcher), which is why this floor is measured, not computed
-from a byte count.
+The fused kernel must read every key code once, and, per query head, the K rows of its high keys and
+the V rows of its high and mid keys. :func:`read_rows` reads exactly those in the kernel's order
+(tasks of one KV head and one chunk, the GQA group's heads in turn, rows prefetched
+:data:`~dashkv.ops.cpu.jit.AHEAD` ahead) and only sums them: no distances, no selection, no
+softmax. Its time is what any kernel with the same tiers pays for memory on this machine, so ``SDPA
+time / floor time`` bounds the speed-up that these tiers can give. Random row gathers run well below
+the streaming read bandwidth (at 128K keys, gathering 20 % of the V rows for each of 9 query heads
+took as long as streaming all of V), which is why the floor is measured, not computed from a byte
+count.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def _sum_rows(rows, idx, lo, hi, base, acc):
 
 
 @njit(fastmath=FASTMATH, **PJIT)
-def read_rows(keys, vals, k_idx, k_off, v_idx, v_off, kheads, out):
-    """Sum the listed K and V rows (``keys``/``vals [Hkv * S, D]`` fp32) into ``out [H, chunks, D]``.
+def read_rows(keys, vals, codes, k_idx, k_off, v_idx, v_off, kheads, chunk, out, code_out):
+    """XOR the key codes (``codes [Hkv * S, W]`` int64) of each (KV head, chunk) into ``code_out
+    [Hkv, chunks]`` and sum the listed K and V rows (``keys``/``vals [Hkv * S, D]`` fp32) into ``out
+    [H, chunks, D]``.
 
     One task is a (KV head, chunk), as in the fused kernel, so a row shared by the group's heads is
     read from memory once and from L2 after that."""
@@ -79,6 +82,11 @@ def read_rows(keys, vals, k_idx, k_off, v_idx, v_off, kheads, out):
         kvh = task // nch
         c = task % nch
         base = kvh * seq
+        mix = np.int64(0)
+        for s in range(base + c * chunk, base + min(seq, (c + 1) * chunk)):
+            for w in range(codes.shape[1]):
+                mix ^= codes[s, w]
+        code_out[kvh, c] = mix
         for g in range(groups):
             h = kvh * groups + g
             acc = out[h, c]

@@ -266,10 +266,10 @@ def dash_attention(
             tmask = pl.as_numpy(temporal.to(torch.bool).expand(nbatch, 1, tokens, seq)).reshape(-1, seq).view(np.uint8)
         nb = hi - lo + 1
         off = pl.scratch("off", (nbatch * tokens, seq), np.int8)
-        hist = pl.scratch("hist_cal", (rows, nch, nb + 4), np.int32)
+        raw_hist, hist = hist, pl.scratch("hist_cal", (rows, nch, nb + 4), np.int32)
         fused.calibrate_kernel(
             dist, code, cdims, heads, tokens, thr, need, tie_base, int(min_votes) if votes_on else 0,
-            int(spatial_step), tmask, time_on, int(temporal_step), off, lo, nb, hist, CHUNK,
+            int(spatial_step), tmask, time_on, int(temporal_step), off, lo, nb, raw_hist, hist, CHUNK,
         )  # fmt: skip
     th_h, nd_h, tb_h = thresholds(hist, kh, lo, nb)
     th_m, nd_m, tb_m = thresholds(hist, kh + km, lo, nb)

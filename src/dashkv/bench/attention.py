@@ -226,7 +226,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = sorted({c["shape"] for c in results["cases"]})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         cases = [c for c in results["cases"] if c["shape"] == shape]
         seqs = [c["seq"] for c in cases]
@@ -239,8 +239,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("keys in cache (S)")
         ax.set_ylabel("ms (median)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the shared legend sits below the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

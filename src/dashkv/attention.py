@@ -108,7 +108,7 @@ def tiered_step(
     always = always_high(visible, config.sinks, config.window)
     fused = getattr(ops, "dash_attention", None)
     if fused is not None:  # budgets as fractions: the fused kernel counts each row's eligible keys itself
-        k_high, k_mid = config.high, config.mid
+        k_high, k_mid = float(config.high), float(config.mid)  # the config takes ints too (high=1)
     else:
         eligible = visible & ~always
         n_eligible = eligible.sum(-1)

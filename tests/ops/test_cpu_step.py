@@ -88,3 +88,19 @@ def test_calibration_changes_the_tiers():
     a = tiered_step(query, key, key, codes, norms, enc, plain, visible, 0.25, prior, ops=cpu)
     b = tiered_step(query, key, key, codes, norms, enc, calibrated, visible, 0.25, prior, ops=cpu)
     assert not torch.equal(a.tiers, b.tiers)
+
+
+def test_whole_number_budgets_in_the_config_are_shares_on_both_paths():
+    """``DashKVConfig(high=1, mid=0)`` (ints) means every key high, on the fused path as on the reference."""
+    gen = torch.Generator().manual_seed(2)
+    enc = _encoder(gen, 4, 2, 16, 64)
+    key, value = torch.randn(2, 1, 2, 300, 16, generator=gen)
+    codes, norms = enc.encode_key(key)
+    query = torch.randn(1, 4, 1, 16, generator=gen)
+    visible = visibility(1, 1, 300, None, key.device)
+    cfg = DashKVConfig(bits=64, high=1, mid=0, consensus=False, momentum=False, dense_layers=())
+    fused = tiered_step(query, key, value, codes, norms, enc, cfg, visible, 0.25, None, ops=cpu)
+    reference = tiered_step(query, key, value, codes, norms, enc, cfg, visible, 0.25, None, ops=ref)
+    assert (fused.tiers == ref.HIGH).all()
+    assert torch.equal(fused.tiers, reference.tiers)
+    torch.testing.assert_close(fused.output, reference.output)

@@ -3,12 +3,12 @@
 For each cache length S and head shape, one decode token (T = 1), fp32: dense
 ``scaled_dot_product_attention`` (GQA), the fused DASH-KV kernel (``ops.cpu.dash_attention``:
 distances, tiers, exact high tier and estimated mid tier), the same kernel with the high tier only,
-and the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel),
-and the memory floor of the fused kernel's tiers (:mod:`dashkv.bench.floor`: reading the key codes
-and the K/V rows it reads, and nothing else). Timings interleave the methods, repeat, and report median and min-max. Also:
-the machine's read bandwidth measured in the same run, the GB/s of the code scan alone (the fused
-kernel's first pass: distances to every key code and their histograms), and the cost of encoding a
-query and of coding one new key.
+the whole method step (``attention.tiered_step``: query encoding, consensus, the fused kernel), and
+the memory floor of the fused kernel's tiers (:mod:`dashkv.bench.floor`: reading the key codes and
+the K/V rows it reads, and nothing else). Timings interleave the methods, repeat, and report median
+and min-max. Also: the machine's read bandwidth measured in the same run, the GB/s of the code scan
+alone (the fused kernel's first pass: distances to every key code and their histograms), and the
+cost of encoding a query and of coding one new key.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def _histogram(dist, code, lo, hi):
     return d2, code_np, cdims, hist_kernel(d2, code_np, cdims, int(lo), int(hi) - int(lo) + 1, CHUNK)
 
 
-def code_scan_plan(query_codes: torch.Tensor, key_codes: torch.Tensor) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+def code_scan_plan(
+    query_codes: torch.Tensor, key_codes: torch.Tensor
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     """The first pass of :func:`dash_attention` alone, for benchmarks: checks and views made once
     (a plan), the returned function runs the pass and returns the raw distances ``[B*H*T, S]`` (uint8
     for up to 3 words) and the per (row, chunk) histograms, every key visible and eligible. Timing

@@ -101,8 +101,8 @@ def calibrate_kernel(
     (bins of :func:`thresholds` with ``lo``). One task is a (batch, token, chunk): votes span all
     heads.
 
-    The calibrated histograms are the raw ones (bins moved by ``-lo``) corrected for the few keys
-    with an offset, listed once per chunk: 9 heads' worth of counting over every key became a copy
+    The calibrated histograms are the raw ones (bins moved by ``-lo``) corrected for the keys with
+    an offset (few: voted or with a strong prior), listed once per chunk: 9 heads' worth of counting over every key became a copy
     and a pass over the moved keys (the kernel at 32K keys: 184 -> 121 us)."""
     rows, seq = dist.shape
     nbatch = rows // (heads * tokens)

@@ -54,6 +54,7 @@ class TierStats:
         lines = [f"{'layer':>6} {'high':>7} {'mid':>7} {'low':>7}"]
         for layer, f in summary.items():
             lines.append(f"{layer!s:>6} {f['high']:7.3f} {f['mid']:7.3f} {f['low']:7.3f}")
-        if self.dense_calls:
-            lines.append(f"dense layers: {sorted(self.dense_calls)}")
+        dense_only = sorted(set(self.dense_calls) - set(self.counts))  # not those with a dense prefill only
+        if dense_only:
+            lines.append(f"dense layers: {dense_only}")
         return "\n".join(lines)

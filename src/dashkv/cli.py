@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from dashkv.config import DashKVConfig
+
 app = typer.Typer(help="DASH-KV: long-context attention through learned binary hashing.", no_args_is_help=True)
 
 
@@ -30,8 +32,6 @@ def _encoders(model, path: Optional[Path], bits: int, seed: int):
 
 
 def _config(encoders, high: float, mid: float, sinks: int, window: int):
-    from dashkv import DashKVConfig
-
     return DashKVConfig(bits=encoders.bits, high=high, mid=mid, sinks=sinks, window=window)
 
 
@@ -42,7 +42,7 @@ def generate(
     method: Method = typer.Option(Method.dashkv, help="full attention or DASH-KV."),
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(128, help="Bits of random encoders (when none are given or shipped)."),
+    bits: int = typer.Option(DashKVConfig.bits, help="Bits of random encoders (when none are given or shipped)."),
     high: float = typer.Option(0.05, help="Share of context keys attended exactly."),
     mid: float = typer.Option(0.15, help="Share of context keys estimated from codes."),
     sinks: int = typer.Option(4),
@@ -88,7 +88,7 @@ def demo(
     length: int = typer.Option(2000, help="Context length in tokens."),
     seed: int = typer.Option(0, help="Seed of the haystack, needle position and pass key."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(128),
+    bits: int = typer.Option(DashKVConfig.bits),
     high: float = typer.Option(0.05),
     mid: float = typer.Option(0.15),
     sinks: int = typer.Option(4),
@@ -146,7 +146,7 @@ def train(
     corpus_files: Optional[list[Path]] = typer.Option(
         None, "--corpus", help="Training text: plain-text or jsonl ('text' field) files; default: built-in corpus."
     ),
-    bits: int = typer.Option(128),
+    bits: int = typer.Option(DashKVConfig.bits),
     steps: int = typer.Option(1600, help="Stage-1 optimisation steps per layer."),
     keys_per_step: int = typer.Option(512, help="Random subset of a sequence's keys each step ranks."),
     lr: float = typer.Option(1e-2),
@@ -239,7 +239,7 @@ def bench_attention(
     shapes: str = typer.Option("smollm2,llama3-8b", help="Comma-separated head shapes."),
     repeats: int = typer.Option(15),
     threads: int = typer.Option(2),
-    bits: int = typer.Option(128, help="Code length (the default config's: what ships)."),
+    bits: int = typer.Option(DashKVConfig.bits, help="Code length (the default config's: what ships)."),
 ) -> None:
     """Decode-step attention latency: dense SDPA vs DASH-KV at growing cache lengths."""
     from tqdm import tqdm

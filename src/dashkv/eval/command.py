@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from dashkv.config import DashKVConfig
+
 
 def _encoders(model, path: Optional[Path], bits: int):
     from dashkv import HashEncoders
@@ -32,7 +34,7 @@ def eval_command(
     budgets: str = typer.Option("0.02,0.05,0.10", help="Comma-separated budgets (share of context keys)."),
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     encoders: Optional[Path] = typer.Option(None, help="DASH-KV encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(128, help="Bits of random encoders when no trained ones exist."),
+    bits: int = typer.Option(DashKVConfig.bits, help="Bits of random encoders when no trained ones exist."),
     output: Path = typer.Option(Path("runs/eval"), help="Output folder (results are cached and resumed here)."),
     tasks: Optional[str] = typer.Option(None, help="Only these retrieval tasks (comma-separated); 'none' for fidelity only."),
     fidelity: bool = typer.Option(True, help="Run the fidelity part (KL, perplexity, recall)."),

@@ -31,6 +31,7 @@ import torch
 
 from dashkv.calibration import calibrate, consensus_mask, momentum_mask
 from dashkv.codes import beta_schedule
+from dashkv.config import DashKVConfig
 from dashkv.encoders import STORAGE_DTYPES, HashEncoders, LayerHashEncoder
 from dashkv.ops import reference as ops
 from dashkv.ops.dispatch import get_backend
@@ -50,7 +51,7 @@ WEIGHTS_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in STORAGE_DT
 class TrainConfig:
     """Settings of ``dashkv train`` (defaults sized for SmolLM2-135M on 2 CPU cores, < 20 minutes)."""
 
-    bits: int = 128
+    bits: int = DashKVConfig.bits
     steps: int = 1600
     lr: float = 1e-2
     seq_len: int = 2048

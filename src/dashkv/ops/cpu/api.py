@@ -62,7 +62,7 @@ def code_scan_plan(
     qc = pl.codes_array(query_codes)
     kc = pl.codes_array(key_codes).reshape(math.prod(key_codes.shape[:3]), words)
     nb = 64 * words + 1
-    dist = np.empty((nbatch * heads * tokens, seq), np.uint8 if 64 * words < 255 else np.uint16)
+    dist = np.empty((nbatch * heads * tokens, seq), pl.dist_dtype(words))
     hist = np.empty((nbatch * heads * tokens, -(-seq // CHUNK), nb + 4), np.int32)
 
     def run() -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +248,7 @@ def dash_attention(
     rows = nbatch * heads * tokens
     nch = -(-seq // CHUNK)
     nb = hi + 1  # raw distances 0..hi
-    dist = pl.scratch("dist", (rows, seq), np.uint8 if 64 * words < 255 else np.uint16)
+    dist = pl.scratch("dist", (rows, seq), pl.dist_dtype(words))
     hist = pl.scratch("hist", (rows, nch, nb + 4), np.int32)
     fused.distance_kernel(qc, kc, kheads, seq, code, cdims, nb, dist, hist, CHUNK)
     if isinstance(k_high, float):  # fractions, as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)

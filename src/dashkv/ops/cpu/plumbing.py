@@ -44,6 +44,11 @@ def dist2d(dist: torch.Tensor) -> np.ndarray:
     return as_numpy(dist).reshape(math.prod(dist.shape[:3]), dist.shape[3])
 
 
+def dist_dtype(words: int):
+    """Raw distances of ``words`` 64-bit code words: one byte each while they fit (up to 3 words)."""
+    return np.uint8 if 64 * words < 255 else np.uint16
+
+
 def mask_array(mask: torch.Tensor, shape: tuple[int, int, int, int], name: str) -> tuple[np.ndarray, np.ndarray]:
     """A bool (or uint8) mask broadcastable to ``[B, H, T, S]`` as ``[Bm * Hm * Tm, S]`` plus its row map."""
     nbatch, heads, tokens, seq = shape

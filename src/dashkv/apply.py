@@ -40,7 +40,7 @@ def _cache_hook(runtime: DashKVRuntime, model: nn.Module):
         if cache is None and use_cache:
             cache = DashKVCache(runtime.encoders, dense)
             kwargs["past_key_values"] = cache
-        elif cache is not None and not isinstance(cache, DashKVCache):
+        elif cache is not None:  # a plain DynamicCache, or a DashKVCache made without (these) encoders
             upgrade_cache(cache, runtime.encoders, dense)
         runtime.begin_forward(cache)
         return args, kwargs

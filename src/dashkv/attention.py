@@ -18,18 +18,21 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from dashkv.calibration import (
-    calibrate,
-    consensus_mask,
-    momentum_mask,
-    update_prior,
-    vote_threshold,
-    whole_bits,
-)
+from dashkv.calibration import update_prior, vote_threshold, whole_bits
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders, LayerHashEncoder
 from dashkv.ops.dispatch import get_backend
-from dashkv.ops.reference import HIDDEN, HIGH, LOW, MidTierInputs, budget_counts, expand_kv, select_largest
+from dashkv.ops.reference import (
+    HIDDEN,
+    HIGH,
+    LOW,
+    MidTierWeights,
+    StepInputs,
+    StepSettings,
+    budget_counts,
+    expand_kv,
+    select_largest,
+)
 from dashkv.stats import TierStats
 
 logger = logging.getLogger(__name__)
@@ -65,12 +68,39 @@ def always_high(visible: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
 
 @dataclass
 class StepResult:
-    """Outputs of :func:`tiered_step`: ``output`` [B, H, T, D], ``probs`` [B, H, T, S] float32,
-    ``tiers`` [B, H, T, S] int8."""
+    """Outputs of :func:`tiered_step`: ``output`` [B, H, T, D]; ``counts`` [3] int64 (high, mid, low
+    triples); ``prior`` [B, T, S] float32, the next layer's momentum prior, when asked for; ``probs``
+    [B, H, T, S] float32 and ``tiers`` [B, H, T, S] int8 when the weights were asked for."""
 
     output: torch.Tensor
-    probs: torch.Tensor
-    tiers: torch.Tensor
+    probs: torch.Tensor | None
+    tiers: torch.Tensor | None
+    prior: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+
+def step_settings(
+    config: DashKVConfig, encoder: LayerHashEncoder, heads: int, kv_heads: int, scaling: float,
+    want_prior: bool, want_weights: bool,
+) -> StepSettings:  # fmt: skip
+    """The numbers of one layer's step: the config's, with the encoder's learned discounts (whole bits)."""
+    ds = config.spatial_discount if config.spatial_discount is not None else float(encoder.spatial_discount.detach())
+    dt = config.temporal_discount if config.temporal_discount is not None else float(encoder.temporal_discount.detach())
+    voters = kv_heads if config.share == "group" else heads
+    return StepSettings(
+        high=float(config.high), mid=float(config.mid), bits=config.bits, share=config.share,
+        min_votes=vote_threshold(voters, config.vote_fraction) if config.consensus else 0,
+        spatial_step=whole_bits(ds), temporal_step=whole_bits(dt) if config.momentum else 0,
+        momentum_ratio=config.momentum_ratio, momentum_decay=config.momentum_decay, scaling=scaling,
+        want_prior=want_prior, want_weights=want_weights,
+    )  # fmt: skip
+
+
+def mid_weights(encoder: LayerHashEncoder) -> MidTierWeights:
+    return MidTierWeights(
+        encoder.key_center.detach(), encoder.mid_temperature.detach(), encoder.mid_bias.detach(),
+        encoder.residual.detach(),
+    )  # fmt: skip
 
 
 def tiered_step(
@@ -85,8 +115,12 @@ def tiered_step(
     scaling: float,
     prior: torch.Tensor | None = None,
     ops: ModuleType | None = None,
+    *,
+    always: torch.Tensor | None = None,
+    want_prior: bool = False,
+    want_weights: bool = True,
 ) -> StepResult:
-    """DASH-KV attention of one layer for a block of query tokens.
+    """DASH-KV attention of one layer for a block of query tokens: the backend's ``decode_step``.
 
     Parameters
     ----------
@@ -95,61 +129,25 @@ def tiered_step(
     key_codes : Tensor[B, Hkv, S, W], int64 ; key_norms : Tensor[B, Hkv, S], float32
     visible : Tensor[B, 1, T, S], bool
     prior : Tensor[B, T, S] float32 or None -- cross-layer attention prior of this step
-    ops : kernel backend (default: ``config.backend``); one with ``dash_attention`` (the numba CPU
-        backend) runs distances, calibration, tiers and attention as one fused kernel
+    ops : kernel backend (default: ``config.backend``), any module with the contract of
+        :class:`dashkv.ops.dispatch.Backend`
+    always : Tensor[B, 1, T, S] bool or None -- sinks and window (computed from ``visible`` if None)
+    want_prior, want_weights : return the updated prior / the ``[B, H, T, S]`` weights and tiers
     """
     ops = ops or get_backend(config.backend, query.device)
     if config.selector == "oracle":
         return oracle_step(query, key, value, config, visible, scaling, ops)
-    bits = config.bits
-    q32 = query.to(torch.float32)
-    query_codes = encoder.encode_query(q32)
-
-    always = always_high(visible, config.sinks, config.window)
-    fused = getattr(ops, "dash_attention", None)
-    if fused is not None:  # budgets as fractions: the fused kernel counts each row's eligible keys itself
-        k_high, k_mid = float(config.high), float(config.mid)  # the config takes ints too (high=1)
-    else:
-        eligible = visible & ~always
-        n_eligible = eligible.sum(-1)
-        k_high = budget_counts(n_eligible, config.high)
-        k_mid = budget_counts(n_eligible, config.high + config.mid) - k_high
-
-    temporal = None
-    if config.momentum and prior is not None and prior.shape[-1] == key.shape[-2]:
-        temporal = momentum_mask(prior, visible, config.momentum_ratio)
-    ds = config.spatial_discount if config.spatial_discount is not None else encoder.spatial_discount.item()
-    dt = config.temporal_discount if config.temporal_discount is not None else encoder.temporal_discount.item()
-    mid = None
-    if config.mid > 0:
-        center = expand_kv(encoder.key_center.unsqueeze(0), query.shape[1])  # [1, H, D]
-        mid = MidTierInputs(
-            dist=None,  # the raw distances, filled in below (the fused kernel computes its own)
-            query_codes=query_codes,
-            key_codes=key_codes,
-            bits=bits,
-            query_norm=q32.norm(dim=-1),
-            key_norm=key_norms,
-            query_dot_center=torch.einsum("bhtd,hd->bht", q32, center[0]),
-            temperature=encoder.mid_temperature.detach(),
-            bias=encoder.mid_bias.detach(),
-            residual=encoder.residual.detach(),
-        )
-    if fused is not None:  # the same steps in one kernel, without [B, H, T, S] intermediates
-        votes = vote_threshold(query.shape[1], config.vote_fraction) if config.consensus else 0
-        output, probs, tiers = fused(
-            query, key, value, query_codes, key_codes, k_high, k_mid, scaling, visible, always, mid,
-            return_probs=True, return_tiers=True, bits=bits, min_votes=votes, spatial_step=whole_bits(ds),
-            temporal=temporal, temporal_step=whole_bits(dt),
-        )  # fmt: skip
-        return StepResult(output, probs, tiers)
-
-    raw = ops.hamming_distance(query_codes, key_codes)
-    spatial = consensus_mask(raw, eligible, k_high, bits, config.vote_fraction, ops) if config.consensus else None
-    dist, lo = calibrate(raw, spatial, temporal, ds, dt)
-    tiers = ops.assign_tiers(dist, visible, always, k_high, k_mid, lo, bits)
-    output, probs = ops.tiered_attention(query, key, value, tiers, scaling, mid and mid._replace(dist=raw))
-    return StepResult(output, probs, tiers)
+    if always is None:
+        always = always_high(visible, config.sinks, config.window)
+    if prior is not None and prior.shape[-1] != key.shape[-2]:
+        prior = None
+    settings = step_settings(config, encoder, query.shape[1], key.shape[1], scaling, want_prior, want_weights)
+    inputs = StepInputs(
+        query, key, value, ops.encode_query(encoder, query), key_codes, key_norms, visible, always,
+        prior if config.momentum else None,
+    )  # fmt: skip
+    out = ops.decode_step(inputs, settings, mid_weights(encoder) if config.mid > 0 else None)
+    return StepResult(out.output, out.probs, out.tiers, out.prior, out.counts)
 
 
 def oracle_step(
@@ -194,8 +192,22 @@ class DashKVRuntime:
     prior: torch.Tensor | None = None
     _warned: bool = False
 
+    _masks: dict = field(default_factory=dict)
+
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
+        self._masks.clear()
+
+    def _mask(self, batch: int, queries: int, keys: int, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``visible`` and ``always`` of this forward, built once and shared by its layers (they see the
+        same mask; dense and sliding layers of other models would pass another mask object)."""
+        key = (batch, queries, keys, None if attention_mask is None else id(attention_mask))
+        held = self._masks.get(key)
+        if held is None or (attention_mask is not None and held[0] is not attention_mask):
+            visible = visibility(batch, queries, keys, attention_mask, device)
+            held = (attention_mask, visible, always_high(visible, self.config.sinks, self.config.window))
+            self._masks[key] = held
+        return held[1], held[2]
 
     def _codes(self, layer_idx: int, key: torch.Tensor, encoder: LayerHashEncoder) -> tuple[torch.Tensor, torch.Tensor]:
         layers = getattr(self.cache, "layers", None)
@@ -232,7 +244,7 @@ class DashKVRuntime:
             self.stats.record_dense(layer_idx)
             return _sdpa(query, key, value, attention_mask, scaling)
         ops = get_backend(cfg.backend, query.device)
-        visible = visibility(batch, queries, keys, attention_mask, query.device)
+        visible, always = self._mask(batch, queries, keys, attention_mask, query.device)
         if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
             self.stats.record_dense(layer_idx)
             result = dense_step(query, key, value, visible, scaling, ops)
@@ -246,15 +258,20 @@ class DashKVRuntime:
             rows = slice(start, min(start + cfg.chunk_size, queries))
             prior = self.prior[:, rows] if self.prior is not None and self.prior.shape[1] == queries else None
             result = tiered_step(
-                query[:, :, rows], key, value, codes, norms, encoder, cfg, visible[:, :, rows], scaling, prior, ops
-            )
-            self.stats.record(layer_idx, result.tiers)
+                query[:, :, rows], key, value, codes, norms, encoder, cfg, visible[:, :, rows], scaling, prior, ops,
+                always=always[:, :, rows], want_prior=cfg.momentum, want_weights=cfg.selector == "oracle",
+            )  # fmt: skip
+            if result.counts is not None:
+                self.stats.record_counts(layer_idx, result.counts)
+            else:
+                self.stats.record(layer_idx, result.tiers)
             outputs.append(result.output)
             if cfg.momentum:
-                priors.append(update_prior(prior, result.probs, cfg.momentum_decay))
+                priors.append(result.prior if result.prior is not None else update_prior(prior, result.probs, cfg.momentum_decay))
         if cfg.momentum:
-            self.prior = torch.cat(priors, dim=1)
-        return torch.cat(outputs, dim=2).transpose(1, 2)
+            self.prior = priors[0] if len(priors) == 1 else torch.cat(priors, dim=1)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return output.transpose(1, 2)
 
 
 def _sdpa(query, key, value, attention_mask, scaling):

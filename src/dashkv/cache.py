@@ -1,4 +1,4 @@
-"""A transformers Cache whose layers keep packed key codes beside K and V.
+"""A transformers Cache that grows in place and keeps packed key codes beside K and V.
 
 Codes (and the centred key norms the mid tier uses) are computed once, when a key enters the cache,
 and follow the keys through crop, beam reorder and batch selection. Nothing is ever evicted.
@@ -12,68 +12,150 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dashkv.encoders import HashEncoders, LayerHashEncoder
+from dashkv.ops.dispatch import get_backend
 
 
 class DashKVLayer(DynamicLayer):
-    """A :class:`~transformers.cache_utils.DynamicLayer` that also stores key codes.
+    """A cache layer that grows in place and, for tiered layers, keeps each key's packed code.
+
+    K, V, codes and norms live in preallocated buffers ``[B, Hkv, capacity, ...]``; ``keys``,
+    ``values``, ``codes`` and ``key_norms`` are views of their first ``length`` positions. Appending
+    writes into the buffers (amortised O(1): the capacity doubles when it runs out) instead of
+    concatenating the whole prefix, which transformers' ``DynamicLayer`` does at every step. The
+    views are strided across heads (head stride ``capacity``); the CPU kernels read them as they are.
 
     Parameters
     ----------
     encoder : LayerHashEncoder or None
-        The layer's encoder; ``None`` for layers that stay dense (no codes kept).
+        The layer's encoder; ``None`` keeps K and V only (dense layers, or plain full attention).
     """
 
     def __init__(self, encoder: LayerHashEncoder | None = None):
         super().__init__()
         self.encoder = encoder
-        self.codes: torch.Tensor | None = None  # [B, Hkv, S, W] int64
-        self.key_norms: torch.Tensor | None = None  # [B, Hkv, S] float32
+        self.length = 0
+        self._buffers: dict[str, torch.Tensor] = {}  # "keys", "values"[, "codes", "key_norms"]
+        self.codes: torch.Tensor | None = None  # [B, Hkv, S, W] int64 view
+        self.key_norms: torch.Tensor | None = None  # [B, Hkv, S] float32 view
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, encoder: LayerHashEncoder | None) -> "DashKVLayer":
-        """Take over the K/V of an existing dynamic layer and encode its keys."""
+        """Take over the K/V of an existing dynamic layer (copied into buffers) and encode its keys."""
         new = cls(encoder)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
             new.update(layer.keys, layer.values)
         return new
 
+    def attach(self, encoder: LayerHashEncoder | None) -> None:
+        """Give a layer without codes its encoder, encoding the keys it already holds."""
+        if encoder is None or self.encoder is not None:
+            return
+        self.encoder = encoder
+        if self.length:
+            if encoder.key_proj.device != self.keys.device:
+                encoder.to(self.keys.device)
+            codes, norms = encoder.encode_key(self.keys)
+            for name, held in (("codes", codes), ("key_norms", norms)):
+                shape = (*held.shape[:2], self.capacity, *held.shape[3:])
+                self._buffers[name] = torch.empty(shape, dtype=held.dtype, device=held.device)
+                self._buffers[name][:, :, : self.length] = held
+            self._refresh_views()
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold before they must grow."""
+        return self._buffers["keys"].shape[2] if self._buffers else 0
+
+    def _grow(self, new_states: dict[str, torch.Tensor], needed: int) -> None:
+        """(Re)allocate the buffers for ``needed`` positions (at least double the old capacity), keeping
+        the first ``length`` positions."""
+        capacity = max(needed, 2 * self.capacity)
+        capacity = -(-capacity // 64) * 64  # whole cache lines of positions
+        grown = {}
+        for name, state in new_states.items():
+            shape = (*state.shape[:2], capacity, *state.shape[3:])
+            buffer = torch.empty(shape, dtype=state.dtype, device=state.device)
+            old = self._buffers.get(name)
+            if old is not None and self.length:
+                buffer[:, :, : self.length] = old[:, :, : self.length]
+            grown[name] = buffer
+        self._buffers = grown
+
+    def _refresh_views(self) -> None:
+        n = self.length
+        views = {name: buffer[:, :, :n] for name, buffer in self._buffers.items()}
+        self.keys, self.values = views["keys"], views["values"]
+        self.codes, self.key_norms = views.get("codes"), views.get("key_norms")
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, cache_kwargs)
+        """Append ``key_states`` / ``value_states`` ``[B, Hkv, T, D]`` (and their codes) in place; returns
+        views of the whole cached K and V ``[B, Hkv, S, D]``."""
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+        new = {"keys": key_states, "values": value_states}
         if self.encoder is not None:
             if self.encoder.key_proj.device != key_states.device:
                 self.encoder.to(key_states.device)
-            codes, norms = self.encoder.encode_key(key_states)
-            self.codes = codes if self.codes is None else torch.cat([self.codes, codes], dim=-2)
-            self.key_norms = norms if self.key_norms is None else torch.cat([self.key_norms, norms], dim=-1)
-        return keys, values
+            new["codes"], new["key_norms"] = get_backend("auto", key_states.device).encode_key(self.encoder, key_states)
+        added = key_states.shape[-2]
+        end = self.length + added
+        fits = self._buffers and all(
+            self._buffers[name].shape[:2] == state.shape[:2] and self._buffers[name].dtype == state.dtype
+            for name, state in new.items()
+        )
+        if not fits and self.length:
+            raise ValueError(
+                f"cache layer holds batch x heads {tuple(self._buffers['keys'].shape[:2])} in "
+                f"{self._buffers['keys'].dtype}; got states {tuple(key_states.shape[:2])} in {key_states.dtype}"
+            )
+        if not fits or end > self.capacity:
+            self._grow(new, end)
+        for name, state in new.items():
+            self._buffers[name][:, :, self.length : end] = state
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
 
     def crop(self, max_length: int) -> None:
-        super().crop(max_length)
-        if self.codes is not None:
-            length = self.keys.shape[-2]
-            self.codes, self.key_norms = self.codes[..., :length, :], self.key_norms[..., :length]
+        if max_length < 0:
+            max_length = self.length - abs(max_length)
+        if self.length > max_length:
+            self.length = max(max_length, 0)
+            self._refresh_views()
 
     def _index_batch(self, fn) -> None:
-        if self.codes is not None:
-            self.codes, self.key_norms = fn(self.codes), fn(self.key_norms)
+        """Apply a batch-axis operation to every buffer (the capacity is kept)."""
+        if self.length:
+            self._buffers = {name: fn(buffer) for name, buffer in self._buffers.items()}
+            self._refresh_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
         self._index_batch(lambda t: t[indices, ...])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
         self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
+    def offload(self) -> None:
+        if self.length:
+            self._index_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.length and self.keys.device != self.device:
+            self._index_batch(lambda t: t.to(self.device, non_blocking=True))
+
     def reset(self) -> None:
-        super().reset()
-        self.codes = self.key_norms = None
+        self.length = 0
+        if self._buffers:
+            self._refresh_views()
 
 
 def _layer_encoders(encoders: HashEncoders, dense_layers: tuple[int, ...]) -> list[LayerHashEncoder | None]:
@@ -85,16 +167,22 @@ class DashKVCache(DynamicCache):
 
     ``enable`` creates one automatically when ``generate`` or ``forward`` gets no cache, and upgrades a
     plain ``DynamicCache`` in place; build one yourself to prefill a context and reuse it.
+    ``DashKVCache(None)`` is the same in-place cache without codes, for plain full attention (it
+    removes the per-step copy of the whole K and V that ``DynamicCache`` makes).
 
     Parameters
     ----------
-    encoders : HashEncoders
+    encoders : HashEncoders or None
+        ``None``: no codes anywhere (layers are added as the model uses them).
     dense_layers : tuple of int
         Layers that stay dense and keep no codes.
     """
 
-    def __init__(self, encoders: HashEncoders, dense_layers: tuple[int, ...] = ()):
-        Cache.__init__(self, layers=[DashKVLayer(e) for e in _layer_encoders(encoders, dense_layers)])
+    def __init__(self, encoders: HashEncoders | None, dense_layers: tuple[int, ...] = ()):
+        if encoders is None:
+            Cache.__init__(self, layer_class_to_replicate=DashKVLayer)
+        else:
+            Cache.__init__(self, layers=[DashKVLayer(e) for e in _layer_encoders(encoders, dense_layers)])
 
 
 def upgrade_cache(cache: Cache, encoders: HashEncoders, dense_layers: tuple[int, ...]) -> Cache:
@@ -116,12 +204,14 @@ def upgrade_cache(cache: Cache, encoders: HashEncoders, dense_layers: tuple[int,
         cache.layer_class_to_replicate = None
         return cache
     for i, layer in enumerate(cache.layers):
+        encoder = per_layer[i] if i < len(per_layer) else None
         if isinstance(layer, DashKVLayer):
+            layer.attach(encoder)
             continue
         if type(layer) is not DynamicLayer:
             raise ValueError(
                 f"cache layer {i} is a {type(layer).__name__}; DASH-KV keeps every key and needs full "
                 "(non-sliding, unquantized) DynamicLayer layers"
             )
-        cache.layers[i] = DashKVLayer.from_layer(layer, per_layer[i] if i < len(per_layer) else None)
+        cache.layers[i] = DashKVLayer.from_layer(layer, encoder)
     return cache

@@ -83,9 +83,12 @@ def generate(
         typer.echo(stats.table())
 
 
+_DEMO_MIN_LENGTH = 200  # tokens: the needle, its blank lines and some text around it
+
+
 @app.command()
 def demo(
-    length: int = typer.Option(2000, help="Context length in tokens."),
+    length: int = typer.Option(7500, help="Context length in tokens."),
     seed: int = typer.Option(0, help="Seed of the haystack, needle position and pass key."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
     bits: int = typer.Option(DashKVConfig.bits),
@@ -93,34 +96,61 @@ def demo(
     mid: float = typer.Option(0.15),
     sinks: int = typer.Option(4),
     window: int = typer.Option(64),
+    new_tokens: int = typer.Option(16, help="Answer tokens each method decodes."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer tier table."),
 ) -> None:
-    """Hide a pass key in real text and answer with full attention and with DASH-KV."""
+    """Hide a pass key in real text, prefill it once, and answer from it with full attention and DASH-KV."""
     import time
 
     import dashkv
-    from dashkv.eval.runner import generate_answer
+    from dashkv.eval.runner import answer_from_cache, dynamic_copy, prefill_context
     from dashkv.eval.tasks import passkey
 
+    if length < _DEMO_MIN_LENGTH:
+        raise typer.BadParameter(f"--length {length}: at least {_DEMO_MIN_LENGTH} tokens (the needle and some text)")
+    if new_tokens < 2:
+        raise typer.BadParameter(f"--new-tokens {new_tokens}: at least 2")
     start = time.perf_counter()
     lm, tok = dashkv.load_model()
     typer.echo(f"model: SmolLM2-135M-Instruct, loaded in {time.perf_counter() - start:.1f} s")
     enc, source = _encoders(lm, encoders, bits, seed)
-    cfg = _config(enc, high, mid, sinks, window)
+    try:
+        cfg = _config(enc, high, mid, sinks, window)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     sample = passkey.make_sample(tok, length, seed)
+    ids = tok(sample.context, return_tensors="pt").input_ids
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    question = len(tok(sample.question, add_special_tokens=False).input_ids)
+    if limit is not None and ids.shape[1] + question + new_tokens > limit:
+        raise typer.BadParameter(f"--length {length}: {ids.shape[1]} context tokens + the question + "
+                                 f"{new_tokens} new exceed the model's {limit} positions")  # fmt: skip
     typer.echo(f"encoders: {source}; high={high:.0%} mid={mid:.0%} sinks={sinks} window={window}")
-    typer.echo(f"pass key {sample.answer} hidden at depth {sample.depth:.0%} of real text\n")
-    full = generate_answer(lm, tok, sample.context, sample.question, encoders=None, config=None)
-    hashed = generate_answer(lm, tok, sample.context, sample.question, encoders=enc, config=cfg)
-    typer.echo(f"context: {full.context_tokens} tokens")
+    typer.echo(f"pass key {sample.answer} hidden at depth {sample.depth:.0%} of {ids.shape[1]} tokens of real text")
+    cache, seconds = prefill_context(lm, ids, enc, cfg)
+    typer.echo(f"shared dense prefill: {ids.shape[1]} tokens in {seconds:.1f} s (K/V and key codes; both "
+               "methods answer from it)\n")  # fmt: skip
+    full = answer_from_cache(lm, tok, dynamic_copy(cache), sample.question, new_tokens)
+    with dashkv.enable(lm, enc, cfg) as stats:
+        hashed = answer_from_cache(lm, tok, cache, sample.question, new_tokens)
     for name, answer in (("full attention", full), ("DASH-KV", hashed)):
         verdict = "correct" if passkey.score(answer.text, sample.answer) else "wrong"
-        typer.echo(f"{name:>15}: {answer.text.strip()!r:40} {verdict:8} {answer.seconds:6.1f} s")
-    mean = hashed.stats.summary()["mean"]
-    typer.echo(
-        f"\nDASH-KV tiers over the question and answer tokens (mean of tiered layers, "
-        f"sinks and window included): high {mean['high']:.1%}, mid {mean['mid']:.1%}, low {mean['low']:.1%}"
-    )
-    typer.echo(hashed.stats.table())
+        typer.echo(f"{name:>15}: {answer.text.strip()!r:40} {verdict:8} {answer.ms_per_token:6.1f} ms/token")
+    typer.echo(f"{'':>15}  DASH-KV / full decode time per token: {hashed.ms_per_token / full.ms_per_token:.2f} "
+               f"(median of {len(full.step_s)} decode steps; the question block, which gives the first token, apart)")
+    typer.echo(_tier_line(stats))
+    if verbose:
+        typer.echo(stats.table())
+
+
+def _tier_line(stats) -> str:
+    """One line: mean tier shares over the tiered layers, or why there are none."""
+    summary = stats.summary()
+    if "mean" not in summary:
+        return "\nDASH-KV tiers: no tiered attention ran"
+    mean, layers = summary["mean"], len(summary) - 1
+    return (f"\nDASH-KV tiers over the question and answer tokens: high {mean['high']:.1%}, mid {mean['mid']:.1%}, "
+            f"low {mean['low']:.1%} (mean of {layers} tiered layers, sinks and window included; --verbose: per layer)")
 
 
 def _device(name: str):
@@ -259,25 +289,58 @@ def bench_attention(
 @bench_app.command("generate")
 def bench_generate(
     output: Path = typer.Option(Path("runs/bench"), help="Folder for generate.json."),
-    lengths: str = typer.Option("2048,4096,8192", help="Comma-separated context lengths in tokens."),
+    lengths: str = typer.Option("2048,4096,8192", help="Comma-separated context lengths in tokens (2048 or 2K)."),
     new_tokens: int = typer.Option(32, help="Tokens decoded per case (the first comes from the prefill)."),
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     threads: int = typer.Option(2),
+    busy: int = typer.Option(0, help="CPU-bound competitor processes running during the whole measurement."),
 ) -> None:
-    """End-to-end decode tokens/s and peak RSS: full attention vs DASH-KV at growing context lengths."""
+    """End-to-end decode speed: full attention (stock, in-place cache), DASH-KV (share head, group), SnapKV.
+
+    Every row at each context length in the same run; SnapKV keeps DASH-KV's high + mid budget.
+    """
     from tqdm import tqdm
 
     from dashkv.bench import generate
 
-    try:
-        sizes = tuple(int(s) for s in lengths.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"lengths={lengths!r}: give comma-separated integers, e.g. 2048,4096") from None
-    if new_tokens < 2:
-        raise typer.BadParameter(f"new_tokens={new_tokens}: at least 2")
-    results = generate.run(sizes, new_tokens, threads, model, output, progress=lambda xs: tqdm(xs, desc="contexts"))
+    sizes = _lengths(lengths)
+    try:  # every option checked before the model loads
+        generate.check_options(sizes, new_tokens, busy, threads, flags=True)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    results = generate.run(sizes, new_tokens, threads, model, output, progress=lambda xs: tqdm(xs, desc="contexts"),
+                           busy=busy)  # fmt: skip
     typer.echo(generate.table(results))
     typer.echo(f"\nwrote {output / 'generate.json'}")
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """``"2048,4K,8k"`` -> ``(2048, 4096, 8192)``: integers, or multiples of 1024 written with K."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            sizes.append(int(part[:-1]) * 1024 if part[-1:] in ("k", "K") else int(part))
+        except ValueError:
+            raise typer.BadParameter(f"--lengths {text!r}: give comma-separated integers, e.g. 2048,4096 or 2K,4K") \
+                from None
+    return tuple(sizes)
+
+
+@app.command("warmup")
+def warmup_command() -> None:
+    """Compile the DASH-KV CPU kernels once (numba's on-disk cache), so no first call waits for them."""
+    from dashkv import warmup
+
+    try:
+        report = warmup.warmup()
+    except ImportError as error:
+        typer.echo(f"nothing to compile: the numba CPU backend is unavailable ({error})")
+        return
+    if report.compiled:
+        typer.echo(f"compiled {len(report.compiled)} DASH-KV CPU kernels in {report.seconds:.1f} s")
+    else:
+        typer.echo(f"DASH-KV CPU kernels already compiled; loaded {len(report.loaded)} in {report.seconds:.1f} s")
 
 
 def main() -> None:  # pragma: no cover - entry point

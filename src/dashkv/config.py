@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 SUPPORTED_BITS = (16, 32, 64, 128)
 PREFILL_MODES = ("dense", "tiered")
 SELECTORS = ("hash", "oracle")
+SHARING = ("head", "group")
 
 
 def _fail(name: str, value: object, allowed: str) -> None:
@@ -55,6 +56,10 @@ class DashKVConfig:
         Query tokens processed at once through the tiers (bounds memory to ``chunk * S``).
     backend : str
         Kernel backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
+    share : str
+        ``"head"``: each query head chooses its own tiers; ``"group"``: one choice per KV head from the
+        summed distances of its GQA group's query heads, so each K/V row is read once per group
+        (consensus then counts the votes of the groups).
     selector : str
         ``"hash"``: tiers from Hamming distances of the codes (DASH-KV); ``"oracle"``: the high tier is
         the top ``high`` share of keys by exact ``q.k`` (no mid tier, no calibration) -- the ceiling of
@@ -78,6 +83,7 @@ class DashKVConfig:
     chunk_size: int = 256
     backend: str = "auto"
     selector: str = "hash"
+    share: str = "head"
 
     def __post_init__(self) -> None:
         self.dense_layers = tuple(self.dense_layers)
@@ -112,6 +118,8 @@ class DashKVConfig:
             _fail("prefill", self.prefill, f"one of {PREFILL_MODES}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             _fail("chunk_size", self.chunk_size, "an integer >= 1")
+        if self.share not in SHARING:
+            _fail("share", self.share, f"one of {SHARING}")
         if self.selector not in SELECTORS:
             _fail("selector", self.selector, f"one of {SELECTORS}")
         if self.selector == "oracle" and self.mid > 0:

@@ -27,6 +27,10 @@ class TierStats:
             counts = torch.stack([(tiers == t).sum() for t in (HIGH, MID, LOW)]).cpu()
         self.counts[layer] = self.counts.get(layer, torch.zeros(3, dtype=torch.int64)) + counts
 
+    def record_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """Add one call's (high, mid, low) counts (Tensor[3] int64), as the decode step returns them."""
+        self.counts[layer] = self.counts.get(layer, torch.zeros(3, dtype=torch.int64)) + counts.cpu()
+
     def record_dense(self, layer: int) -> None:
         self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1
 

@@ -49,14 +49,16 @@ def chunk(request, monkeypatch):
         monkeypatch.setattr(cpu.api, "CHUNK", request.param)
 
 
+@pytest.mark.parametrize("share", ["head", "group"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}kv{k}T{t}S{s}R{r}" for b, h, k, t, s, r in SHAPES])
-def test_fused_step_matches_the_reference_chain(shape, name, chunk):
+def test_fused_step_matches_the_reference_chain(shape, name, share, chunk):
     batch, heads, kv_heads, tokens, keys, bits = shape
     gen = torch.Generator().manual_seed(keys + tokens)
     dim = 16
     enc = _encoder(gen, heads, kv_heads, dim, bits)
-    cfg = DashKVConfig(**{**dict(bits=bits, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=()), **CONFIGS[name]})
+    base = dict(bits=bits, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=(), share=share)
+    cfg = DashKVConfig(**{**base, **CONFIGS[name]})
     query = torch.randn(batch, heads, tokens, dim, generator=gen)
     key = torch.randn(batch, kv_heads, keys, dim, generator=gen)
     value = torch.randn(batch, kv_heads, keys, dim, generator=gen)
@@ -66,11 +68,21 @@ def test_fused_step_matches_the_reference_chain(shape, name, chunk):
         visible[1, ..., : keys // 4] = False  # left padding
     prior = torch.softmax(torch.randn(batch, tokens, keys, generator=gen) * 3, dim=-1)
     args = (query, key, value, codes, norms, enc, cfg, visible, dim**-0.5, prior)
-    expected = tiered_step(*args, ops=ref)
-    got = tiered_step(*args, ops=cpu)
+    expected = tiered_step(*args, ops=ref, want_prior=True)
+    got = tiered_step(*args, ops=cpu, want_prior=True)
     assert torch.equal(got.tiers, expected.tiers)
+    assert torch.equal(got.counts, expected.counts)
     torch.testing.assert_close(got.output, expected.output, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.probs, expected.probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.prior, expected.prior, rtol=1e-5, atol=1e-6)
+    if share == "group":  # one selection per KV head: the group's query heads share their tiers
+        grouped = got.tiers.view(batch, kv_heads, heads // kv_heads, tokens, keys)
+        assert (grouped == grouped[:, :, :1]).all()
+    # without the weights (the decode path): the same output, prior and counts
+    lean = tiered_step(*args, ops=cpu, want_prior=True, want_weights=False)
+    assert lean.probs is None and lean.tiers is None and torch.equal(lean.counts, got.counts)
+    torch.testing.assert_close(lean.output, got.output, rtol=0, atol=0)
+    torch.testing.assert_close(lean.prior, got.prior, rtol=1e-6, atol=1e-9)  # fastmath: summation order
 
 
 def test_calibration_changes_the_tiers():

@@ -1,17 +1,45 @@
 """Choose the kernel backend for the DASH-KV decode step.
 
-A backend is a module exposing the functions of :mod:`dashkv.ops.reference` with the same signatures:
-``hamming_distance``, ``select_smallest``, ``assign_tiers`` and ``tiered_attention``.
+A backend is a module that satisfies :class:`Backend`: the functions of :mod:`dashkv.ops.reference`
+with the same signatures. :mod:`dashkv.attention` calls them without asking which backend it got.
 """
 
 from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import Protocol
 
 import torch
 
 from dashkv.ops import reference
+from dashkv.ops.reference import MidTierInputs, MidTierWeights, StepInputs, StepOutputs, StepSettings
+
+
+class Backend(Protocol):
+    """The kernel contract (shapes and meaning: :mod:`dashkv.ops.reference`)."""
+
+    def encode_query(self, encoder, query: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_key(self, encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode_step(self, inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs: ...
+
+    def hamming_distance(self, query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor: ...
+
+    def select_smallest(
+        self, dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor: ...
+
+    def assign_tiers(
+        self, dist: torch.Tensor, visible: torch.Tensor, always: torch.Tensor, k_high: torch.Tensor,
+        k_mid: torch.Tensor, lo: int, hi: int,
+    ) -> torch.Tensor: ...  # fmt: skip
+
+    def tiered_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tiers: torch.Tensor, scaling: float,
+        mid: MidTierInputs | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
 
 BACKENDS = ("auto", "reference", "cpu")
 
@@ -26,7 +54,7 @@ def _cpu_backend() -> ModuleType | None:
     return cpu
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
+def get_backend(name: str, device: torch.device) -> Backend:
     """Return the kernel module for ``name`` on ``device``; ``"auto"`` picks the fastest available.
 
     ``"auto"``: the numba ``"cpu"`` backend for CPU tensors when numba imports, else the reference.

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from dashkv.calibration import calibrate, momentum_mask, update_prior
 from dashkv.codes import to_signs, unpack_bits
 
 HIGH, MID, LOW, HIDDEN = 2, 1, 0, -1
@@ -46,6 +47,16 @@ def expand_kv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Repeat KV heads ``[B, Hkv, ...]`` to query heads ``[B, H, ...]`` (GQA)."""
     groups = num_heads // tensor.shape[1]
     return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def encode_query(encoder, query: torch.Tensor) -> torch.Tensor:
+    """Packed query codes ``[B, H, T, W]`` int64 of ``query [B, H, T, D]`` (the encoder's own torch code)."""
+    return encoder.encode_query(query)
+
+
+def encode_key(encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed key codes ``[B, Hkv, S, W]`` int64 and centred norms ``[B, Hkv, S]`` of ``key``."""
+    return encoder.encode_key(key)
 
 
 def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
@@ -284,3 +295,139 @@ def select_largest(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor
     order = masked.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return eligible & (ranks < k.expand(scores.shape[:-1]).unsqueeze(-1))
+
+
+# ------------------------------------------------------------------------- the whole decode step
+
+
+class StepInputs(NamedTuple):
+    """Tensors of one layer's step (see :func:`decode_step`).
+
+    Attributes
+    ----------
+    query : Tensor[B, H, T, D]
+    key, value : Tensor[B, Hkv, S, D]
+    query_codes : Tensor[B, H, T, W], int64
+    key_codes : Tensor[B, Hkv, S, W], int64
+    key_norms : Tensor[B, Hkv, S], float32 -- ``|k - mu|``
+    visible : Tensor[B, 1, T, S], bool -- causal and padding mask
+    always : Tensor[B, 1, T, S], bool -- sinks and local window (always high)
+    prior : Tensor[B, T, S] float32 or None -- cross-layer attention prior of this step
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    query_codes: torch.Tensor
+    key_codes: torch.Tensor
+    key_norms: torch.Tensor
+    visible: torch.Tensor
+    always: torch.Tensor
+    prior: torch.Tensor | None
+
+
+class StepSettings(NamedTuple):
+    """Numbers of one layer's step, from the config and the layer's encoder.
+
+    Attributes
+    ----------
+    high, mid : float -- shares of each row's eligible keys (outside ``always``) for the two tiers
+    bits : int -- code length ``R``
+    share : str -- ``"head"``: tiers per query head; ``"group"``: once per KV head from the summed
+        raw distances of its query heads (range ``[0, G R]``, ``G = H / Hkv``)
+    min_votes : int -- consensus: selections (query heads, or groups) a key needs; 0 turns it off
+    spatial_step, temporal_step : int -- discounts in whole bits of one head's distance (``<= 0``;
+        multiplied by ``G`` on summed distances)
+    momentum_ratio : float -- momentum marks keys whose prior is at least this many times uniform
+    momentum_decay : float -- weight of the old prior in the updated one
+    scaling : float -- the model's ``1 / sqrt(D)``
+    want_prior : bool -- return the updated prior (the next layer's momentum input)
+    want_weights : bool -- return the ``[B, H, T, S]`` weights and tiers
+    """
+
+    high: float
+    mid: float
+    bits: int
+    share: str
+    min_votes: int
+    spatial_step: int
+    temporal_step: int
+    momentum_ratio: float
+    momentum_decay: float
+    scaling: float
+    want_prior: bool
+    want_weights: bool
+
+
+class MidTierWeights(NamedTuple):
+    """The encoder's mid-tier parameters: ``key_center [Hkv, D]``, ``temperature`` and ``bias [H]``,
+    ``residual [H, R]`` (float32)."""
+
+    key_center: torch.Tensor
+    temperature: torch.Tensor
+    bias: torch.Tensor
+    residual: torch.Tensor
+
+
+class StepOutputs(NamedTuple):
+    """Results of :func:`decode_step`.
+
+    Attributes
+    ----------
+    output : Tensor[B, H, T, D], query's dtype
+    counts : Tensor[3], int64 -- (query head, token, key) triples in the high, mid and low tiers
+    prior : Tensor[B, T, S] float32 or None -- ``decay * prior + (1 - decay) * mean_h(weights)``
+    probs : Tensor[B, H, T, S] float32 or None ; tiers : Tensor[B, H, T, S] int8 or None
+    """
+
+    output: torch.Tensor
+    counts: torch.Tensor
+    prior: torch.Tensor | None
+    probs: torch.Tensor | None
+    tiers: torch.Tensor | None
+
+
+def group_distance(raw: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Raw distances of a GQA group's query heads summed per KV head: ``[B, H, T, S] -> [B, Hkv, T, S]``."""
+    b, h, t, s = raw.shape
+    return raw.view(b, kv_heads, h // kv_heads, t, s).sum(2, dtype=torch.int32)
+
+
+def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
+    """DASH-KV attention of one layer: distances, consensus, momentum, calibration, tiers, attention.
+
+    The readable specification of every backend's ``decode_step``. ``mid`` None (or ``settings.mid
+    == 0``) runs without the mid tier.
+    """
+    q, k, v = inputs.query, inputs.key, inputs.value
+    heads, kv_heads = q.shape[1], k.shape[1]
+    visible, always = inputs.visible, inputs.always
+    eligible = visible & ~always
+    n_eligible = eligible.sum(-1)
+    k_high = budget_counts(n_eligible, settings.high)
+    k_mid = budget_counts(n_eligible, settings.high + settings.mid) - k_high
+    raw = hamming_distance(inputs.query_codes, inputs.key_codes)
+    group = settings.share == "group"
+    dist, scale = (group_distance(raw, kv_heads), heads // kv_heads) if group else (raw, 1)
+    hi = settings.bits * scale
+    spatial = temporal = None
+    if settings.min_votes > 0 and settings.spatial_step != 0:
+        votes = select_smallest(dist, eligible, k_high, 0, hi).sum(1, keepdim=True)
+        spatial = votes >= settings.min_votes
+    if inputs.prior is not None and settings.temporal_step != 0:
+        temporal = momentum_mask(inputs.prior, visible, settings.momentum_ratio)
+    dist, lo = calibrate(dist, spatial, temporal, settings.spatial_step * scale, settings.temporal_step * scale)
+    tiers = expand_kv(assign_tiers(dist, visible, always, k_high, k_mid, lo, hi), heads)
+    estimate = None
+    if mid is not None and settings.mid > 0:
+        q32 = q.to(torch.float32)
+        center = expand_kv(mid.key_center.unsqueeze(0), heads)[0]
+        estimate = MidTierInputs(
+            raw, inputs.query_codes, inputs.key_codes, settings.bits, q32.norm(dim=-1), inputs.key_norms,
+            torch.einsum("bhtd,hd->bht", q32, center), mid.temperature, mid.bias, mid.residual,
+        )  # fmt: skip
+    output, probs = tiered_attention(q, k, v, tiers, settings.scaling, estimate)
+    counts = torch.stack([(tiers == t).sum() for t in (HIGH, MID, LOW)]).to(torch.int64)
+    prior = update_prior(inputs.prior, probs, settings.momentum_decay) if settings.want_prior else None
+    weights = (probs, tiers) if settings.want_weights else (None, None)
+    return StepOutputs(output, counts, prior, *weights)

@@ -19,6 +19,7 @@ Modules, one concept each:
 - :mod:`~dashkv.ops.cpu.jit`: intrinsics, 16-bit loads, ``exp``;
 - :mod:`~dashkv.ops.cpu.select`: distances, histograms, exact sort-free selection and tiers;
 - :mod:`~dashkv.ops.cpu.attend`: split-softmax attention over given tiers and its merge;
+- :mod:`~dashkv.ops.cpu.encode`: codes of a few new queries or keys;
 - :mod:`~dashkv.ops.cpu.fused`: the fused decode step (:func:`dash_attention`);
 - :mod:`~dashkv.ops.cpu.plumbing`: torch/numpy views, validation, mid-tier tables;
 - :mod:`~dashkv.ops.cpu.api`: the public functions re-exported here.
@@ -34,11 +35,13 @@ from dashkv.ops.cpu.api import (
     assign_tiers,
     code_scan_plan,
     dash_attention,
+    decode_step,
     hamming_distance,
     kth_smallest,
     select_smallest,
     tiered_attention,
 )
+from dashkv.ops.cpu.encode import encode_key, encode_query
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
 
 __all__ = [
@@ -52,6 +55,9 @@ __all__ = [
     "budget_counts",
     "code_scan_plan",
     "dash_attention",
+    "decode_step",
+    "encode_key",
+    "encode_query",
     "expand_kv",
     "hamming_distance",
     "kth_smallest",

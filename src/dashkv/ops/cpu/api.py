@@ -9,9 +9,18 @@ import numpy as np
 import torch
 
 from dashkv.ops.cpu import fused, plumbing as pl
-from dashkv.ops.cpu.attend import attn_tiers_kernel
+from typing import NamedTuple
+
+from dashkv.ops.cpu.attend import attn_tiers_kernel, scale_probs, weights_kernel
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
-from dashkv.ops.reference import MidTierInputs
+from dashkv.ops.reference import (
+    MidTierInputs,
+    MidTierWeights,
+    StepInputs,
+    StepOutputs,
+    StepSettings,
+    expand_kv,
+)
 
 CHUNK = 2048
 """Keys per task: a chunk's K and V (0.5 MiB each at D = 64 in fp32) stay in L2 for the GQA group."""
@@ -29,8 +38,8 @@ def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torc
         raise ValueError(f"codes {tuple(query_codes.shape)} and {tuple(key_codes.shape)} do not match")
     out = np.empty((nbatch, heads, tokens, seq), np.int32)
     if out.size:
-        kc = pl.codes_array(key_codes).reshape(kb * kheads * seq, words)
-        hamming_kernel(pl.codes_array(query_codes), kc, kheads, out, CHUNK)
+        (kc,), stride = pl.key_rows(pl.check_codes(key_codes))
+        hamming_kernel(pl.codes_array(query_codes), pl.as_numpy(kc), kheads, stride, out, CHUNK)
     return torch.from_numpy(out)
 
 
@@ -60,13 +69,14 @@ def code_scan_plan(
     kheads, seq = key_codes.shape[1], key_codes.shape[2]
     code, cdims = pl.mask_array(torch.ones(1, 1, 1, seq, dtype=torch.uint8), (nbatch, heads, tokens, seq), "codes")
     qc = pl.codes_array(query_codes)
-    kc = pl.codes_array(key_codes).reshape(math.prod(key_codes.shape[:3]), words)
+    (kc,), stride = pl.key_rows(pl.check_codes(key_codes))
+    kc = pl.as_numpy(kc)
     nb = 64 * words + 1
-    dist = np.empty((nbatch * heads * tokens, seq), pl.dist_dtype(words))
+    dist = np.empty((nbatch * heads * tokens, seq), pl.dist_dtype(64 * words))
     hist = np.empty((nbatch * heads * tokens, -(-seq // CHUNK), nb + 4), np.int32)
 
     def run() -> tuple[np.ndarray, np.ndarray]:
-        fused.distance_kernel(qc, kc, kheads, seq, code, cdims, nb, dist, hist, CHUNK)
+        fused.distance_kernel(qc, kc, kheads, seq, stride, code, cdims, nb, dist, hist, CHUNK, False)
         return dist, hist
 
     return run
@@ -133,7 +143,6 @@ def tiered_attention(
     kheads = key.shape[1]
     if seq == 0:  # the reference's softmax over no keys: empty weights, zero output
         return torch.zeros_like(query), torch.zeros(nbatch, heads, tokens, 0)
-    keys, vals, half = pl.kv_arrays(key, value, heads)
     q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
     tiers_np = pl.as_numpy(tiers.to(torch.int8).expand(nbatch, heads, tokens, seq)).reshape(-1, seq)
     rows = nbatch * heads * tokens
@@ -141,25 +150,28 @@ def tiered_attention(
         pl.check_cpu(mid.dist, mid.query_codes, mid.key_codes)
         mdist = pl.dist2d(mid.dist.expand(nbatch, heads, tokens, seq))
         qcodes = pl.codes_array(mid.query_codes)
-        kcodes = pl.codes_array(mid.key_codes).reshape(math.prod(mid.key_codes.shape[:3]), mid.key_codes.shape[3])
         if mdist.dtype != np.int32:
             mdist = mdist.astype(np.int32)
         if mid.key_codes.shape[:3] != key.shape[:3] or mid.query_codes.shape[:3] != query.shape[:3]:
             raise ValueError("mid.query_codes / mid.key_codes do not match query / key shapes")
-        margs = pl.mid_arrays(mid, (nbatch, heads, tokens), tuple(key.shape[:3]), qcodes.shape[-1])
+        knorm = pl.f32_keys(mid.key_norm, tuple(key.shape[:3]))
+        keys, vals, kcodes, knorm, half, stride = pl.kv_arrays(key, value, heads, pl.check_codes(mid.key_codes), knorm)
+        margs = pl.mid_arrays(mid, (nbatch, heads, tokens), knorm, qcodes.shape[-1])
     else:
+        keys, vals, half, stride = pl.kv_arrays(key, value, heads)
         mdist = np.zeros((1, 1), np.int32)
         qcodes = np.zeros((nbatch, heads, tokens, 1), np.int64)
         kcodes = np.zeros((1, 1), np.int64)
-        margs = pl.mid_arrays(None, (nbatch, heads, tokens), tuple(key.shape[:3]), 1)
+        margs = pl.mid_arrays(None, (nbatch, heads, tokens), None, 1)
     parts = pl.new_parts(rows, seq, dim, CHUNK)
     probs = np.empty((rows, seq), np.float32)
     attn_tiers_kernel(
-        q, keys, vals, half, kheads, seq, tiers_np, np.float32(scaling), margs[0], mdist, qcodes, kcodes,
+        q, keys, vals, half, kheads, seq, stride, tiers_np, np.float32(scaling), margs[0], mdist, qcodes, kcodes,
         *margs[1:], *parts, probs, True, CHUNK,
     )  # fmt: skip
-    output, probs_t = pl.merge_parts(parts, margs[0], probs, tiers_np, (nbatch, heads, tokens, dim), query.dtype, CHUNK)
-    return output, probs_t
+    output, factor = pl.merge_parts(parts, margs[0], (nbatch, heads, tokens, dim), query.dtype)
+    scale_probs(probs, tiers_np, factor, CHUNK)
+    return output, torch.from_numpy(probs).view(nbatch, heads, tokens, seq)
 
 
 def dash_attention(
@@ -182,12 +194,13 @@ def dash_attention(
     spatial_step: int = 0,
     temporal: torch.Tensor | None = None,
     temporal_step: int = 0,
+    share: str = "head",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Fused decode step: Hamming distances, calibration, tiers and tiered attention.
 
-    Equals the reference chain of :func:`dashkv.attention.tiered_step` from the query codes on::
+    Equals the reference chain of :func:`dashkv.ops.reference.decode_step` from the query codes on::
 
-        raw = hamming_distance(qc, kc)
+        raw = hamming_distance(qc, kc)                      # share="group": group_distance(raw, Hkv)
         spatial = select_smallest(raw, visible & ~always, k_high, 0, bits).sum(1) >= min_votes
         dist, lo = calibrate(raw, spatial, temporal, spatial_step, temporal_step)
         tiers = assign_tiers(dist, visible, always, k_high, k_mid, lo, bits)
@@ -201,7 +214,7 @@ def dash_attention(
     Parameters
     ----------
     query : Tensor[B, H, T, D]
-    key, value : Tensor[B, Hkv, S, D]
+    key, value : Tensor[B, Hkv, S, D] (views with a head stride, as a growing cache's, are read in place)
     query_codes : Tensor[B, H, T, W], int64
     key_codes : Tensor[B, Hkv, S, W], int64
     k_high, k_mid : Tensor[B, H or 1, T] int64 -- keys for high and for mid outside ``always``; or two
@@ -212,11 +225,13 @@ def dash_attention(
     mid : MidTierInputs or None -- only ``bits``, the norms, ``temperature``, ``bias`` and
         ``residual`` are read (``dist`` and codes come from the fused pass and may be None)
     return_probs, return_tiers : also return the ``[B, H, T, S]`` probabilities / tiers
-    bits : int or None -- top of the distance range (``hi``); default ``64 W``
-    min_votes : int -- cross-head consensus: votes (of all ``H`` heads) a key needs for the spatial
-        discount; 0 turns consensus off
-    spatial_step, temporal_step : int, ``<= 0`` -- the discounts in whole bits
+    bits : int or None -- top of one head's distance range; default ``64 W``
+    min_votes : int -- cross-head consensus: votes (of all ``H`` heads, or ``Hkv`` groups) a key needs
+        for the spatial discount; 0 turns consensus off
+    spatial_step, temporal_step : int, ``<= 0`` -- the discounts in whole bits of one head's distance
     temporal : Tensor[B, 1, T, S] bool or None -- the momentum mask
+    share : ``"head"`` or ``"group"`` (tiers per KV head from the group's summed distances; masks
+        must then be the same for every query head)
 
     Returns
     -------
@@ -224,69 +239,166 @@ def dash_attention(
     probs : Tensor[B, H, T, S] float32 or None
     tiers : Tensor[B, H, T, S] int8 or None
     """
+    if isinstance(k_high, float) != isinstance(k_mid, float):
+        raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
+    tmask = None
+    if temporal is not None:
+        tmask = pl.as_numpy(temporal.to(torch.bool).expand(query.shape[0], 1, query.shape[2], key.shape[2]))
+        tmask = tmask.reshape(-1, key.shape[2]).view(np.uint8)
+    step = FusedStep(k_high, k_mid, bits, min_votes, spatial_step, tmask, temporal_step, share)
+    out = _fused(query, key, value, query_codes, key_codes, scaling, visible, always, mid, step,
+                 return_probs, return_tiers, None)  # fmt: skip
+    return out.output, out.probs, out.tiers
+
+
+class FusedStep(NamedTuple):
+    """Settings of one fused call (see :func:`dash_attention`); ``temporal`` is the momentum mask as
+    ``[B*T, S]`` uint8 rows, or None."""
+
+    k_high: torch.Tensor | float
+    k_mid: torch.Tensor | float
+    bits: int | None
+    min_votes: int
+    spatial_step: int
+    temporal: np.ndarray | None
+    temporal_step: int
+    share: str
+
+
+class PriorUpdate(NamedTuple):
+    """The momentum prior to update in the same call: ``prior [B*T, S]`` float32 rows or None, ``decay``."""
+
+    prior: np.ndarray | None
+    decay: float
+
+
+def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, mid, step: FusedStep,
+           return_probs, return_tiers, prior: PriorUpdate | None) -> StepOutputs:  # fmt: skip
     pl.check_cpu(query, key, value, query_codes, key_codes)
     nbatch, heads, tokens, dim = query.shape
     kheads, seq = key.shape[1], key.shape[2]
     words = query_codes.shape[-1]
     shape = (nbatch, heads, tokens, seq)
+    group = step.share == "group"
+    if step.share not in ("head", "group"):
+        raise ValueError(f"share={step.share!r} is not supported; choose 'head' or 'group'")
     if seq == 0:  # as the reference steps: empty weights and tiers, zero output
         empty = torch.zeros(shape)
-        return torch.zeros_like(query), empty if return_probs else None, empty.to(torch.int8) if return_tiers else None
+        return StepOutputs(
+            torch.zeros_like(query), torch.zeros(3, dtype=torch.int64),
+            torch.zeros(nbatch, tokens, 0) if prior is not None else None,
+            empty if return_probs else None, empty.to(torch.int8) if return_tiers else None,
+        )  # fmt: skip
     if tuple(query_codes.shape[:3]) != shape[:3] or key_codes.shape[:3] != key.shape[:3]:
         raise ValueError("codes do not match query / key shapes")
-    if spatial_step > 0 or temporal_step > 0:
-        raise ValueError(f"discounts must be <= 0, got spatial_step={spatial_step}, temporal_step={temporal_step}")
-    if isinstance(k_high, float) != isinstance(k_mid, float):
-        raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
-    hi = 64 * words if bits is None else int(bits)
+    if step.spatial_step > 0 or step.temporal_step > 0:
+        raise ValueError(
+            f"discounts must be <= 0, got spatial_step={step.spatial_step}, temporal_step={step.temporal_step}"
+        )
+    scale = heads // kheads if group else 1
+    hi = (64 * words if step.bits is None else int(step.bits)) * scale
     qc = pl.codes_array(query_codes)
-    kc = pl.codes_array(key_codes).reshape(math.prod(key_codes.shape[:3]), words)
-    keys, vals, half = pl.kv_arrays(key, value, heads)
+    knorm = pl.f32_keys(mid.key_norm, tuple(key.shape[:3])) if mid is not None else None
+    per_key = (pl.check_codes(key_codes),) + ((knorm,) if knorm is not None else ())
+    keys, vals, kc, *rest, half, stride = pl.kv_arrays(key, value, heads, *per_key)
     q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
     vis_t = visible if visible is not None else torch.ones(1, 1, 1, seq, dtype=torch.bool)
-    code, cdims = pl.mask_array(pl.codes_of(vis_t, always), shape, "visible / always")
+    codes_t = pl.codes_of(vis_t, always)
+    sel_heads = kheads if group else heads
+    if group and codes_t.dim() == 4 and codes_t.shape[1] > 1 and codes_t.stride(1) != 0:
+        raise ValueError("share='group' needs visible / always masks shared by all query heads ([B, 1, T, S])")
+    code, cdims = pl.mask_array(codes_t, (nbatch, sel_heads, tokens, seq), "visible / always")
     rows = nbatch * heads * tokens
+    srows = nbatch * sel_heads * tokens
     nch = -(-seq // CHUNK)
     nb = hi + 1  # raw distances 0..hi
-    dist = pl.scratch("dist", (rows, seq), pl.dist_dtype(words))
-    hist = pl.scratch("hist", (rows, nch, nb + 4), np.int32)
-    fused.distance_kernel(qc, kc, kheads, seq, code, cdims, nb, dist, hist, CHUNK)
-    if isinstance(k_high, float):  # fractions, as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
+    dist = pl.scratch("dist", (srows, seq), pl.dist_dtype(hi))
+    hist = pl.scratch("hist", (srows, nch, nb + 4), np.int32)
+    fused.distance_kernel(qc, kc, kheads, seq, stride, code, cdims, nb, dist, hist, CHUNK, group)
+    if isinstance(step.k_high, float):  # fractions, as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
         eligible = hist[:, :, : nb + 3].sum(axis=(1, 2), dtype=np.int64)
-        kh = pl.budget_counts_np(eligible, k_high)
-        km = pl.budget_counts_np(eligible, k_high + k_mid) - kh
+        kh = pl.budget_counts_np(eligible, step.k_high)
+        km = pl.budget_counts_np(eligible, step.k_high + step.k_mid) - kh
     else:
-        kh, km = pl.rows_of(k_high, shape), pl.rows_of(k_mid, shape)
-    votes_on = min_votes > 0 and spatial_step != 0
-    time_on = temporal is not None and temporal_step != 0
-    lo = (spatial_step if votes_on else 0) + (temporal_step if time_on else 0)
+        kh, km = pl.rows_of(step.k_high, shape), pl.rows_of(step.k_mid, shape)
+        if group:  # per selection row: the counts of each group's first head
+            kh = kh.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
+            km = km.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
+    votes_on = step.min_votes > 0 and step.spatial_step != 0
+    time_on = step.temporal is not None and step.temporal_step != 0
+    lo = ((step.spatial_step if votes_on else 0) + (step.temporal_step if time_on else 0)) * scale
     off = np.zeros((1, 1), np.int8)
     if votes_on or time_on:
         thr, need, tie_base = thresholds(hist, kh, 0, nb)
-        tmask = np.zeros((1, 1), np.uint8)
-        if time_on:
-            tmask = pl.as_numpy(temporal.to(torch.bool).expand(nbatch, 1, tokens, seq)).reshape(-1, seq).view(np.uint8)
+        tmask = step.temporal if time_on else np.zeros((1, 1), np.uint8)
         nb = hi - lo + 1
-        off = pl.scratch("off", (nbatch * tokens, seq), np.int8)
-        raw_hist, hist = hist, pl.scratch("hist_cal", (rows, nch, nb + 4), np.int32)
+        off = pl.scratch("off", (nbatch * tokens, seq), np.int16 if group else np.int8)
+        raw_hist, hist = hist, pl.scratch("hist_cal", (srows, nch, nb + 4), np.int32)
         fused.calibrate_kernel(
-            dist, code, cdims, heads, tokens, thr, need, tie_base, int(min_votes) if votes_on else 0,
-            int(spatial_step), tmask, time_on, int(temporal_step), off, lo, nb, raw_hist, hist, CHUNK,
+            dist, code, cdims, sel_heads, tokens, thr, need, tie_base, int(step.min_votes) if votes_on else 0,
+            int(step.spatial_step) * scale, tmask, time_on, int(step.temporal_step) * scale, off, lo, nb,
+            raw_hist, hist, CHUNK,
         )  # fmt: skip
     th_h, nd_h, tb_h = thresholds(hist, kh, lo, nb)
     th_m, nd_m, tb_m = thresholds(hist, kh + km, lo, nb)
-    margs = pl.mid_arrays(mid, (nbatch, heads, tokens), tuple(key.shape[:3]), words)
+    margs = pl.mid_arrays(mid, (nbatch, heads, tokens), rest[0] if rest else None, words)
     parts = pl.new_parts(rows, seq, dim, CHUNK)
-    want_tiers = return_tiers or return_probs  # normalising probs needs each key's tier
-    probs = np.empty((rows, seq) if return_probs else (1, 1), np.float32)
-    tiers = np.empty((rows, seq) if want_tiers else (1, 1), np.int8)
+    nmid_part = np.empty((rows, nch), np.int64)
+    want_probs = return_probs or prior is not None
+    want_tiers = return_tiers or want_probs  # normalising probs needs each key's tier
+    probs = np.empty((rows, seq) if want_probs else (1, 1), np.float32)
+    tiers = np.empty((srows, seq) if want_tiers else (1, 1), np.int8)
     fused.attend_kernel(
-        q, qc, kc, dist, off, votes_on or time_on, keys, vals, half, kheads, seq, code, cdims,
-        np.float32(scaling), th_h, nd_h, tb_h, th_m, nd_m, tb_m, *margs,
-        *parts, probs, return_probs, tiers, want_tiers, CHUNK,
+        q, qc, kc, dist, off, votes_on or time_on, keys, vals, half, kheads, seq, stride, code, cdims,
+        np.float32(scaling), th_h, nd_h, tb_h, th_m, nd_m, tb_m, group, *margs,
+        *parts, nmid_part, probs, want_probs, tiers, want_tiers, CHUNK,
     )  # fmt: skip
-    output, probs_t = pl.merge_parts(
-        parts, margs[0], probs if return_probs else None, tiers, (nbatch, heads, tokens, dim), query.dtype, CHUNK
-    )
-    tiers_t = torch.from_numpy(tiers).view(shape) if return_tiers else None
-    return output, probs_t, tiers_t
+    output, factor = pl.merge_parts(parts, margs[0], (nbatch, heads, tokens, dim), query.dtype)
+    prior_t = None
+    if want_probs:
+        prior_np = np.empty((nbatch * tokens, seq), np.float32)
+        has_prior = prior is not None and prior.prior is not None
+        weights_kernel(
+            probs, tiers, factor, heads, kheads, tokens, group, CHUNK, return_probs,
+            prior.prior if has_prior else prior_np, has_prior, np.float32(prior.decay if prior else 0.0), prior_np,
+        )  # fmt: skip
+        prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior is not None else None
+    high = int(parts[4].sum())
+    middle = int(nmid_part.sum())
+    visible_total = int(pl.visible_count(code, cdims, (nbatch, heads, tokens)))
+    counts = torch.tensor([high, middle, visible_total - high - middle], dtype=torch.int64)
+    probs_t = torch.from_numpy(probs).view(shape) if return_probs else None
+    tiers_t = None
+    if return_tiers:
+        tiers_t = torch.from_numpy(tiers).view(nbatch, sel_heads, tokens, seq)
+        tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
+    return StepOutputs(output, counts, prior_t, probs_t, tiers_t)
+
+
+def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
+    """The whole DASH-KV step of one layer in one fused call (see :func:`dashkv.ops.reference.decode_step`)."""
+    q = inputs.query
+    nbatch, heads, tokens, _ = q.shape
+    seq = inputs.key.shape[2]
+    mid_inputs = None
+    if mid is not None and settings.mid > 0:
+        q32 = q.detach().to(torch.float32)
+        center = expand_kv(mid.key_center.detach().to(torch.float32).unsqueeze(0), heads)[0]
+        mid_inputs = MidTierInputs(
+            None, None, None, settings.bits, q32.norm(dim=-1), inputs.key_norms,
+            torch.einsum("bhtd,hd->bht", q32, center), mid.temperature, mid.bias, mid.residual,
+        )  # fmt: skip
+    prior = None
+    if inputs.prior is not None:
+        prior = pl.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq)
+    tmask = None
+    if prior is not None and settings.temporal_step != 0:  # momentum: dashkv.calibration.momentum_mask
+        count = inputs.visible.expand(nbatch, 1, tokens, seq).sum(-1).clamp(min=1).reshape(-1, 1).numpy()
+        vis = pl.as_numpy(inputs.visible.expand(nbatch, 1, tokens, seq)).reshape(-1, seq)
+        tmask = ((prior * count >= settings.momentum_ratio) & vis).view(np.uint8)
+    step = FusedStep(float(settings.high), float(settings.mid), settings.bits, settings.min_votes,
+                     settings.spatial_step, tmask, settings.temporal_step, settings.share)  # fmt: skip
+    update = PriorUpdate(prior, settings.momentum_decay) if settings.want_prior else None
+    return _fused(q, inputs.key, inputs.value, inputs.query_codes, inputs.key_codes, settings.scaling,
+                  inputs.visible, inputs.always, mid_inputs, step, settings.want_weights, settings.want_weights,
+                  update)  # fmt: skip

@@ -199,18 +199,54 @@ def scale_probs(probs, tiers, factor, chunk):
 
 
 @njit(fastmath=FASTMATH, **PJIT)
+def weights_kernel(probs, tiers, factor, heads, kheads, tokens, group, chunk, keep, prior, has_prior, decay, out):
+    """Normalise the chunks' unnormalised weights (``probs [B*H*T, S]``, ``factor[row, chunk, tier]``;
+    the tier of a key read from its selection row: per (batch, KV head, token) with ``group``), in
+    place if ``keep``, and write the next layer's prior ``out [B*T, S] = decay * prior + (1 - decay)
+    * mean_h(weights)`` (``mean_h`` alone without ``has_prior``). One task is a (batch, token, chunk)."""
+    seq = probs.shape[1]
+    nch = factor.shape[1]
+    groups = heads // kheads
+    nbt = out.shape[0]
+    for task in prange(nbt * nch):
+        o = task // nch
+        c = task % nch
+        b = o // tokens
+        t = o % tokens
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        acc = np.zeros(s1 - s0, np.float32)
+        for h in range(heads):
+            row = np.uintp((b * heads + h) * tokens + t)
+            srow = np.uintp((b * kheads + h // groups) * tokens + t) if group else row
+            f_high = np.float32(factor[row, c, 0])
+            f_mid = np.float32(factor[row, c, 1])
+            for i in range(s1 - s0):
+                s = np.uintp(s0 + i)
+                p = probs[row, s] * (f_mid if tiers[srow, s] == MID else f_high)
+                if keep:
+                    probs[row, s] = p
+                acc[i] += p
+        inv = np.float32(1.0) / np.float32(heads)
+        for i in range(s1 - s0):
+            s = np.uintp(s0 + i)
+            current = acc[i] * inv
+            out[np.uintp(o), s] = decay * prior[np.uintp(o), s] + (np.float32(1.0) - decay) * current if has_prior else current
+
+
+@njit(fastmath=FASTMATH, **PJIT)
 def attn_tiers_kernel(
-    q, keys, vals, half, kheads, seq, tiers, scaling,
+    q, keys, vals, half, kheads, seq, kstride, tiers, scaling,
     has_mid, mdist, qcodes, kcodes, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
     m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, chunk,
 ):  # fmt: skip
     """Split-softmax attention over given tiers. ``q [B*H*T, D]`` fp32, ``keys/vals [Bk*Hkv*S, D]``."""
     nbatch, heads, tokens = qcodes.shape[0], qcodes.shape[1], qcodes.shape[2]
-    kbatch = keys.shape[0] // (kheads * seq)
+    kbatch = keys.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
     for task in prange(nbatch * kheads * nch):
-        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         idx = np.empty(s1 - s0, np.int64)
         idm = np.empty(s1 - s0, np.int64)
         dd = np.empty(s1 - s0, np.int64)

@@ -40,6 +40,28 @@ def _row_distances(qc, b, h, t, kc, kbase, s0, s1, out, row):
 
 
 @njit(**JIT)
+def _row_distances_add(qc, b, h, t, kc, kbase, s0, s1, out, row):
+    """:func:`_row_distances`, added to ``out[row, s0:s1]`` (a GQA group's summed distances)."""
+    words = kc.shape[1]
+    q0 = qc[b, h, t, 0]
+    r = np.uintp(row)
+    if words == 1:
+        for s in range(s0, s1):
+            out[r, np.uintp(s)] += popcount(q0 ^ kc[np.uintp(kbase + s), 0])
+    elif words == 2:
+        q1 = qc[b, h, t, 1]
+        for s in range(s0, s1):
+            k = np.uintp(kbase + s)
+            out[r, np.uintp(s)] += popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+    else:
+        for s in range(s0, s1):
+            acc = 0
+            for w in range(words):
+                acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
+            out[r, np.uintp(s)] += acc
+
+
+@njit(**JIT)
 def _count(bins, loc, nbe):
     """Histogram of ``bins`` into ``loc[:nbe]``, through 4 interleaved copies (``loc[4 * nbe]``) that
     break the store-to-load chains of repeated bins."""
@@ -57,27 +79,30 @@ def _count(bins, loc, nbe):
 
 
 @njit(**PJIT)
-def distance_kernel(qc, kc, kheads, seq, code, cdims, nb, dist, hist, chunk):
+def distance_kernel(qc, kc, kheads, seq, kstride, code, cdims, nb, dist, hist, chunk, group):
     """Raw Hamming distances of every row into ``dist [B*H*T, S]`` (one byte a key where ``64 W < 255``)
     and per (row, chunk) histograms of the eligible keys (``code == 1``), bins of :func:`thresholds`
     with ``lo = 0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory
-    once for the whole GQA group."""
+    once for the whole GQA group. ``group``: rows are (batch, KV head, token) and hold the distances
+    summed over the group's query heads (``dist [B*Hkv*T, S]``)."""
     nbatch, heads, tokens, words = qc.shape
-    kbatch = kc.shape[0] // (kheads * seq)
+    kbatch = kc.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
     nbe = nb + 4
     trash = nb + 3
     for task in prange(nbatch * kheads * nch):
-        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         loc = np.zeros(4 * nbe, np.int32)  # 4 interleaved copies break store-to-load chains
         bins = np.empty(s1 - s0, np.int32)
-        for g in range(groups):
+        for g in range(1 if group else groups):
             h = kvh * groups + g
             for t in range(tokens):
-                row = (b * heads + h) * tokens + t
+                row = (b * kheads + kvh) * tokens + t if group else (b * heads + h) * tokens + t
                 mr = mask_row(row, cdims)
                 _row_distances(qc, b, h, t, kc, kbase, s0, s1, dist, row)
+                for extra in range(1, groups if group else 1):  # the group's other heads, summed
+                    _row_distances_add(qc, b, h + extra, t, kc, kbase, s0, s1, dist, row)
                 r, m = np.uintp(row), np.uintp(mr)
                 for i in range(s1 - s0):  # vectorised
                     s = np.uintp(s0 + i)
@@ -164,92 +189,132 @@ def calibrate_kernel(
 
 @njit(fastmath=FASTMATH, **PJIT)
 def attend_kernel(
-    q, qc, kc, dist, off, has_off, keys, vals, half, kheads, seq, code, cdims, scaling,
-    th_h, nd_h, tb_h, th_m, nd_m, tb_m,
+    q, qc, kc, dist, off, has_off, keys, vals, half, kheads, seq, kstride, code, cdims, scaling,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m, group,
     has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, tiers, want_tiers, chunk,
+    m_part, l_part, acc_part, gap_part, nhigh_part, nmid_part, probs, want_probs, tiers, want_tiers, chunk,
 ):  # fmt: skip
     """Tiers from the thresholds of the (calibrated) distances ``dist + off``, then split-softmax
     attention over the chunk's high and mid keys (:func:`dashkv.ops.cpu.attend.attend_chunk`); the mid
-    estimate reads the raw distance. One task is a (batch, KV head, chunk)."""
+    estimate reads the raw distance. One task is a (batch, KV head, chunk).
+
+    ``group``: ``dist``, the thresholds, the mask rows and ``tiers`` are per (batch, KV head, token)
+    (:func:`selection_row`): the group's query heads share one selection, made once, and each head's
+    own raw distances of the selected keys (for the mid estimate) are recomputed from the codes.
+    ``nhigh_part`` / ``nmid_part`` count each (row, chunk)'s high and mid keys."""
     nbatch, heads, tokens, words = qc.shape
-    kbatch = keys.shape[0] // (kheads * seq)
+    kbatch = keys.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
     for task in prange(nbatch * kheads * nch):
-        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         flag = np.empty(s1 - s0, np.uint8)
         cand = np.empty(s1 - s0, np.int64)
         idx = np.empty(s1 - s0, np.int64)
         dd = np.empty(s1 - s0, np.int64)
         logit = np.empty(s1 - s0, np.float32)
         est = np.empty(s1 - s0, np.float32)
-        for g in range(groups):
-            h = kvh * groups + g
-            for t in range(tokens):
+        nh = nm = n_mid = 0
+        for t in range(tokens):
+            for g in range(groups):
+                h = kvh * groups + g
                 row = (b * heads + h) * tokens + t
-                orow = b * tokens + t
-                mr = mask_row(row, cdims)
-                th = th_h[row]
-                tm = th_m[row]
-                tcand = max(th, tm)
-                r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
-                # candidates (always high, or eligible within the larger threshold): flags
-                # (vectorised), then a branch-free compaction, latest first
-                for i in range(s1 - s0):
-                    s = np.uintp(s0 + i)
-                    k = code[m, s]
-                    d = np.int64(dist[r, s]) + (off[o, s] if has_off else 0)
-                    flag[i] = (k == 2) | ((k == 1) & (d <= tcand))
-                n = 0
-                for i in range(s1 - s0 - 1, -1, -1):
-                    cand[np.uintp(n)] = s0 + i
-                    n += np.int64(flag[np.uintp(i)])
-                if want_tiers:
-                    for i in range(s1 - s0):
-                        s = np.uintp(s0 + i)
-                        tiers[r, s] = LOW if code[m, s] else HIDDEN
-                # tiers of the candidates (ties: later positions first); high to idx, mid to the front of cand
-                cnt_h = tb_h[row, c]
-                cnt_m = tb_m[row, c]
-                ndh = nd_h[row]
-                ndm = nd_m[row]
-                nh = 0
-                nm = 0
-                for i in range(n):  # branch-free: ties at a threshold are counted in order, latest first
-                    s = cand[np.uintp(i)]
-                    us = np.uintp(s)
-                    raw = np.int64(dist[r, us])
-                    d = raw + off[o, us] if has_off else raw
-                    pinned = code[m, us] == 2
-                    tie_h = (d == th) & ~pinned
-                    tie_m = (d == tm) & ~pinned
-                    cnt_h += np.int64(tie_h)
-                    cnt_m += np.int64(tie_m)
-                    high = pinned | (d < th) | (tie_h & (cnt_h <= ndh))
-                    mid = ~high & ((d < tm) | (tie_m & (cnt_m <= ndm)))
-                    if want_tiers:
-                        tiers[r, us] = HIGH if high else (MID if mid else LOW)
-                    idx[np.uintp(nh)] = s  # appends: high to idx, mid to the front of cand
-                    dd[np.uintp(nh)] = raw
-                    nh += np.int64(high)
-                    cand[np.uintp(nm)] = s
-                    nm += np.int64(has_mid & mid)
-                for i in range(nm):
-                    idx[np.uintp(nh + i)] = cand[np.uintp(i)]
-                    dd[np.uintp(nh + i)] = dist[r, np.uintp(cand[np.uintp(i)])]
-                a_row = qdc_row = np.float32(0.0)
                 q0 = qc[b, h, t, 0]
                 q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
+                if g == 0 or not group:
+                    srow = selection_row(b, kvh, g, t, kheads, groups, tokens, group)
+                    nh, nm, n_mid = _select_chunk(
+                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, code, cdims,
+                        th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, flag, cand, idx, dd,
+                    )  # fmt: skip
+                if group and has_mid:  # this head's own raw distances of the shared selection
+                    for i in range(nh + nm):
+                        krow = np.uintp(kbase + idx[np.uintp(i)])
+                        d = popcount(q0 ^ kc[krow, 0])
+                        if words > 1:
+                            d += popcount(q1 ^ kc[krow, 1])
+                        dd[np.uintp(i)] = d
+                a_row = qdc_row = np.float32(0.0)
                 if has_mid:
                     a_row = temp[h] * qnorm[row]
                     qdc_row = qdc[row]
                 if want_probs:
                     for i in range(s1 - s0):
-                        probs[r, np.uintp(s0 + i)] = 0.0
+                        probs[np.uintp(row), np.uintp(s0 + i)] = 0.0
                 gap_part[row, c] = attend_chunk(
                     q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
                     has_mid, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
                     m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
                 )  # fmt: skip
                 nhigh_part[row, c] = nh
+                nmid_part[row, c] = n_mid
+
+
+@njit(inline="always", **JIT)
+def selection_row(b, kvh, g, t, kheads, groups, tokens, group):
+    """Row of the distances / thresholds / tiers that query head ``kvh * groups + g`` selects with."""
+    if group:
+        return (b * kheads + kvh) * tokens + t
+    return (b * kheads * groups + kvh * groups + g) * tokens + t
+
+
+@njit(**JIT)
+def _select_chunk(
+    srow, b, t, tokens, s0, s1, c, dist, off, has_off, code, cdims,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, flag, cand, idx, dd,
+):  # fmt: skip
+    """One selection row's high keys into ``idx[:nh]`` and mid keys into ``idx[nh:nh + nm]`` (their raw
+    distances in ``dd``; the mid keys only where ``has_mid``), tiers written if wanted. Returns
+    ``(nh, nm, mid keys)``."""
+    mr = mask_row(srow, cdims)
+    th = th_h[srow]
+    tm = th_m[srow]
+    tcand = max(th, tm)
+    r, m, o = np.uintp(srow), np.uintp(mr), np.uintp(b * tokens + t)
+    # candidates (always high, or eligible within the larger threshold): flags (vectorised), then a
+    # branch-free compaction, latest first
+    for i in range(s1 - s0):
+        s = np.uintp(s0 + i)
+        k = code[m, s]
+        d = np.int64(dist[r, s]) + (off[o, s] if has_off else 0)
+        flag[i] = (k == 2) | ((k == 1) & (d <= tcand))
+    n = 0
+    for i in range(s1 - s0 - 1, -1, -1):
+        cand[np.uintp(n)] = s0 + i
+        n += np.int64(flag[np.uintp(i)])
+    if want_tiers:
+        for i in range(s1 - s0):
+            s = np.uintp(s0 + i)
+            tiers[r, s] = LOW if code[m, s] else HIDDEN
+    # tiers of the candidates (ties: later positions first); high to idx, mid to the front of cand
+    cnt_h = tb_h[srow, c]
+    cnt_m = tb_m[srow, c]
+    ndh = nd_h[srow]
+    ndm = nd_m[srow]
+    nh = 0
+    nm = 0
+    n_mid = 0
+    for i in range(n):  # branch-free: ties at a threshold are counted in order, latest first
+        s = cand[np.uintp(i)]
+        us = np.uintp(s)
+        raw = np.int64(dist[r, us])
+        d = raw + off[o, us] if has_off else raw
+        pinned = code[m, us] == 2
+        tie_h = (d == th) & ~pinned
+        tie_m = (d == tm) & ~pinned
+        cnt_h += np.int64(tie_h)
+        cnt_m += np.int64(tie_m)
+        high = pinned | (d < th) | (tie_h & (cnt_h <= ndh))
+        mid = ~high & ((d < tm) | (tie_m & (cnt_m <= ndm)))
+        if want_tiers:
+            tiers[r, us] = HIGH if high else (MID if mid else LOW)
+        idx[np.uintp(nh)] = s  # appends: high to idx, mid to the front of cand
+        dd[np.uintp(nh)] = raw
+        nh += np.int64(high)
+        cand[np.uintp(nm)] = s
+        nm += np.int64(has_mid & mid)
+        n_mid += np.int64(mid)
+    for i in range(nm):
+        idx[np.uintp(nh + i)] = cand[np.uintp(i)]
+        dd[np.uintp(nh + i)] = dist[r, np.uintp(cand[np.uintp(i)])]
+    return nh, nm, n_mid

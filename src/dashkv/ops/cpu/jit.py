@@ -149,12 +149,13 @@ def expf(x):
 
 
 @njit(inline="always", **JIT)
-def task_span(task, nch, kheads, kbatch, seq, chunk):
+def task_span(task, nch, kheads, kbatch, seq, chunk, kstride):
     """``(b, KV head, chunk, first K row of that head, s0, s1)`` of task number ``task``: tasks are
-    (batch, KV head, chunk) triples, chunk fastest; ``kbatch`` is 1 when K is shared by the batch."""
+    (batch, KV head, chunk) triples, chunk fastest; ``kbatch`` is 1 when K is shared by the batch;
+    ``kstride`` is the rows between two heads' first keys (``seq``, or a growing cache's capacity)."""
     c = task % nch
     kvh = (task // nch) % kheads
     b = task // (nch * kheads)
-    kbase = ((b % kbatch) * kheads + kvh) * seq
+    kbase = ((b % kbatch) * kheads + kvh) * kstride
     s0 = c * chunk
     return b, kvh, c, kbase, s0, min(seq, s0 + chunk)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from dashkv.ops.cpu.attend import merge_kernel, scale_probs
+from dashkv.ops.cpu.attend import merge_kernel
 from dashkv.ops.cpu.jit import BF16, F16, JIT
 from dashkv.ops.reference import MidTierInputs
 
@@ -30,10 +30,21 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def codes_array(t: torch.Tensor) -> np.ndarray:
+def check_codes(t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.int64:
         raise ValueError(f"codes must be packed int64 words, got dtype {t.dtype}")
-    return as_numpy(t)
+    return t
+
+
+def codes_array(t: torch.Tensor) -> np.ndarray:
+    return as_numpy(check_codes(t))
+
+
+def f32_keys(norms: torch.Tensor, key_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Per-key norms as float32 ``[Bk, Hkv, S]`` (a view when they already are)."""
+    norms = torch.as_tensor(norms).detach()
+    norms = norms if norms.dtype == torch.float32 else norms.to(torch.float32)
+    return norms if tuple(norms.shape) == key_shape else norms.expand(key_shape)
 
 
 def dist2d(dist: torch.Tensor) -> np.ndarray:
@@ -44,9 +55,9 @@ def dist2d(dist: torch.Tensor) -> np.ndarray:
     return as_numpy(dist).reshape(math.prod(dist.shape[:3]), dist.shape[3])
 
 
-def dist_dtype(words: int):
-    """Raw distances of ``words`` 64-bit code words: one byte each while they fit (up to 3 words)."""
-    return np.uint8 if 64 * words < 255 else np.uint16
+def dist_dtype(top: int):
+    """Distances in ``[0, top]``: one byte each while they fit (one head's codes up to 3 words)."""
+    return np.uint8 if top < 255 else np.uint16
 
 
 def mask_array(mask: torch.Tensor, shape: tuple[int, int, int, int], name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -76,16 +87,49 @@ def rows_of(k: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     return k.expand(*shape[:3]).contiguous().numpy().reshape(-1)
 
 
-def kv_arrays(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """K and V as ``[Bk * Hkv * S, D]`` views plus their 16-bit format (0: a float dtype as is)."""
+def _head_stride(t: torch.Tensor) -> int | None:
+    """Rows between two heads' first positions when ``t [Bk, Hkv, S, ...]`` is a prefix view of a
+    C-contiguous ``[Bk, Hkv, capacity, ...]`` buffer (a growing cache's), else None."""
+    row = math.prod(t.shape[3:])
+    inner = t.stride()[3:]
+    if any(st != math.prod(t.shape[4 + i :]) for i, st in enumerate(inner)) or t.stride(2) != row:
+        return None
+    if t.shape[1] > 1 and t.stride(1) % row:
+        return None
+    stride = t.stride(1) // row if t.shape[1] > 1 else t.shape[2]
+    if stride < t.shape[2] or (t.shape[0] > 1 and t.stride(0) != t.shape[1] * stride * row):
+        return None
+    needed = t.storage_offset() + t.shape[0] * t.shape[1] * stride * row
+    return stride if needed * t.element_size() <= t.untyped_storage().nbytes() else None
+
+
+def key_rows(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Per-key tensors ``[Bk, Hkv, S, ...]`` (K, V, codes, norms) as flat row tensors ``[Bk * Hkv *
+    stride, ...]`` sharing one head stride, and that stride: views of a growing cache's buffers (no
+    copy) when all of them are views with the same stride, else contiguous copies (stride ``S``)."""
+    strides = {_head_stride(t) for t in tensors}
+    if len(strides) == 1 and None not in strides:
+        stride = strides.pop()
+        flat = [
+            torch.as_strided(t, (t.shape[0] * t.shape[1] * stride, *t.shape[3:]), (math.prod(t.shape[3:]), *t.stride()[3:]))
+            for t in tensors
+        ]
+        return flat, stride
+    seq = tensors[0].shape[2]
+    return [t.contiguous().reshape(t.shape[0] * t.shape[1] * seq, *t.shape[3:]) for t in tensors], seq
+
+
+def kv_arrays(key: torch.Tensor, value: torch.Tensor, heads: int, *others: torch.Tensor):
+    """K and V (and ``others``: per-key codes or norms) as ``[Bk * Hkv * stride, ...]`` row arrays of one
+    head stride, their 16-bit format (0: a float dtype as is) and the stride (see :func:`key_rows`)."""
     for name, t in (("key", key), ("value", value)):
         if t.dim() != 4 or heads % t.shape[1]:
             raise ValueError(f"{name} must be [B, Hkv, S, D] with H % Hkv == 0, got {tuple(t.shape)}")
     if key.dtype != value.dtype or not key.dtype.is_floating_point:
         key, value = key.to(torch.float32), value.to(torch.float32)
     half = {torch.bfloat16: BF16, torch.float16: F16}.get(key.dtype, 0)
-    flat = lambda t: as_numpy(t).reshape(math.prod(t.shape[:3]), t.shape[3])  # noqa: E731
-    return flat(key), flat(value), half
+    rows, stride = key_rows(key.detach(), value.detach(), *(t.detach() for t in others))
+    return (*[as_numpy(t) for t in rows], half, stride)
 
 
 @njit(**JIT)
@@ -142,11 +186,11 @@ def _f32(t, shape: tuple[int, ...]) -> np.ndarray:
     return as_numpy(t).reshape(-1)
 
 
-def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], key_shape: tuple[int, ...], words: int):
+def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], knorm: np.ndarray | None, words: int):
     """Per-head tables and flat views of the mid-tier inputs (dummies when ``mid`` is None).
 
-    ``query_shape`` is ``(B, H, T)`` and ``key_shape`` ``(Bk, Hkv, S)``: the norms are broadcast to
-    them, so that they are indexed like the query rows and the K rows.
+    ``query_shape`` is ``(B, H, T)``: the query norms are broadcast to it, so that they are indexed
+    like the query rows; ``knorm`` are the key norms as K's row array (:func:`kv_arrays`).
     """
     if mid is None:
         f1 = np.zeros(1, np.float32)
@@ -159,7 +203,7 @@ def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], key_shap
     return (
         True,
         _f32(mid.query_norm, query_shape),
-        _f32(mid.key_norm, key_shape),
+        knorm,
         _f32(mid.query_dot_center, query_shape),
         _f32(mid.temperature, (heads,)),
         _f32(mid.bias, (heads,)),
@@ -189,20 +233,23 @@ def new_parts(rows: int, seq: int, dim: int, chunk: int):
     return m_part, l_part, acc_part, gap_part, nhigh_part
 
 
-def merge_parts(parts, mid_on, probs, tiers, shape, dtype, chunk):
-    """Merge the partials into ``[B, H, T, D]`` in ``dtype``; normalise ``probs`` in place if given."""
+def merge_parts(parts, mid_on, shape, dtype):
+    """Merge the partials into ``[B, H, T, D]`` in ``dtype``; also returns each partial's normalised
+    weight ``factor [rows, chunks, 2]`` (the scale of the chunk's unnormalised high / mid weights)."""
     nbatch, heads, tokens, dim = shape
     m_part = parts[0]
     out = np.empty((nbatch * heads * tokens, dim), np.float32)
     factor = np.empty(m_part.shape, np.float64)
     merge_kernel(*parts, mid_on, out, factor)
     output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
-    if dtype != torch.float32:
-        output = output.to(dtype)
-    if probs is None:
-        return output, None
-    scale_probs(probs, tiers, factor, chunk)
-    return output, torch.from_numpy(probs).view(nbatch, heads, tokens, -1)
+    return (output if dtype == torch.float32 else output.to(dtype)), factor
+
+
+def visible_count(code: np.ndarray, cdims: np.ndarray, rows_shape: tuple[int, int, int]) -> int:
+    """Visible (query head, token, key) triples of a ``[B, H, T]`` block, from the mask rows of
+    :func:`mask_array`."""
+    per_row = np.count_nonzero(code, axis=1).reshape(int(cdims[2]), int(cdims[3]), int(cdims[4]))
+    return int(np.broadcast_to(per_row, rows_shape).sum())
 
 
 def codes_of(visible: torch.Tensor, always: torch.Tensor | None) -> torch.Tensor:

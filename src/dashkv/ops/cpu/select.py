@@ -58,15 +58,15 @@ def thresholds(hist, kvals, lo, nb):
 
 
 @njit(**PJIT)
-def hamming_kernel(qc, kc, kheads, out, chunk):
+def hamming_kernel(qc, kc, kheads, kstride, out, chunk):
     """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B, H, T, S]`` int32."""
     nbatch, heads, tokens, words = qc.shape
     seq = out.shape[3]
-    kbatch = kc.shape[0] // (kheads * seq)
+    kbatch = kc.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
     for task in prange(nbatch * kheads * nch):
-        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk)
+        b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         for g in range(groups):
             h = kvh * groups + g
             for t in range(tokens):  # unsigned indices: no wraparound checks, so the loops vectorise

@@ -1,0 +1,147 @@
+"""Hash codes of a few new queries or keys in one compiled call (the decode step's case).
+
+:meth:`dashkv.encoders.LayerHashEncoder.encode_query` / ``encode_key`` are the reference: a dozen
+torch calls (three linear layers, two GELUs, an einsum, the sign, the packing shifts), each with a
+fixed cost that dwarfs the arithmetic when one token's 9 query heads or 3 keys go through them.
+These kernels do the same arithmetic in float32 for a handful of rows; above :data:`MAX_ROWS` rows
+torch's matrix products are faster and the reference runs. Float summation order differs from torch,
+so a bit whose projection lies within rounding of 0 may differ (tested: only such bits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+
+from dashkv.ops.cpu.jit import FASTMATH, JIT
+
+MAX_ROWS = 64
+"""Rows (batch x heads x tokens) up to which the compiled encoders run."""
+
+_SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _dense(x, weight, bias, out, gelu):
+    """``out[n] = act(weight @ x[n] + bias)`` for every row ``n``; each weight row is loaded once for
+    all rows."""
+    rows, width = x.shape
+    for i in range(weight.shape[0]):
+        for n in range(rows):
+            acc = np.float32(0.0)
+            for j in range(width):
+                acc += weight[i, j] * x[n, j]
+            acc += bias[i]
+            if gelu:
+                acc = np.float32(0.5) * acc * (np.float32(1.0) + np.float32(math.erf(acc * _SQRT1_2)))
+            out[n, i] = acc
+
+
+@njit(**JIT)
+def _pack(proj, out):
+    """Sign bits (``>= 0``) of ``proj [N, R]`` packed least significant bit first into ``out [N, W]``."""
+    rows, bits = proj.shape
+    for n in range(rows):
+        for w in range(out.shape[1]):
+            word = np.uint64(0)
+            for b in range(64):
+                r = 64 * w + b
+                if r < bits and proj[n, r] >= 0:
+                    word |= np.uint64(1) << np.uint64(b)
+            out[n, w] = np.int64(word)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def query_codes_kernel(q, heads, tokens, w1, b1, w2, b2, w3, b3, skip, out):
+    """Packed query codes of ``q [N, D]`` (rows ``(b, h, t)``): ``skip[h] q + MLP(q)``, signed and packed."""
+    rows, dim = q.shape
+    h1 = np.empty((rows, w1.shape[0]), np.float32)
+    h2 = np.empty((rows, w2.shape[0]), np.float32)
+    proj = np.empty((rows, w3.shape[0]), np.float32)
+    _dense(q, w1, b1, h1, True)
+    _dense(h1, w2, b2, h2, True)
+    _dense(h2, w3, b3, proj, False)
+    for n in range(rows):
+        h = (n // tokens) % heads
+        for r in range(proj.shape[1]):
+            acc = np.float32(0.0)
+            for j in range(dim):
+                acc += skip[h, r, j] * q[n, j]
+            proj[n, r] = acc + proj[n, r]
+    _pack(proj, out)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def key_codes_kernel(k, kheads, tokens, center, proj_w, out, norms):
+    """Packed codes ``sign(W_k (k - mu))`` and centred norms ``|k - mu|`` of ``k [N, D]`` (rows
+    ``(b, kvh, t)``)."""
+    rows, dim = k.shape
+    bits = proj_w.shape[1]
+    proj = np.empty((rows, bits), np.float32)
+    centred = np.empty(dim, np.float32)
+    for n in range(rows):
+        kvh = (n // tokens) % kheads
+        sq = np.float32(0.0)
+        for j in range(dim):
+            centred[j] = k[n, j] - center[kvh, j]
+            sq += centred[j] * centred[j]
+        norms[n] = np.sqrt(sq)
+        for r in range(bits):
+            acc = np.float32(0.0)
+            for j in range(dim):
+                acc += proj_w[kvh, r, j] * centred[j]
+            proj[n, r] = acc
+    _pack(proj, out)
+
+
+def _weights(encoder) -> dict[str, np.ndarray]:
+    """Float32 numpy copies of the encoder's weights, rebuilt when a parameter changed (training
+    steps bump each tensor's version counter)."""
+    params = list(encoder.query_mlp.parameters()) + [encoder.query_skip, encoder.key_proj, encoder.key_center]
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    held = getattr(encoder, "_cpu_kernel_weights", None)
+    if held is not None and held[0] == stamp:
+        return held[1]
+    lin = [m for m in encoder.query_mlp if isinstance(m, torch.nn.Linear)]
+    arr = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())  # noqa: E731
+    weights = {
+        "w1": arr(lin[0].weight), "b1": arr(lin[0].bias), "w2": arr(lin[1].weight), "b2": arr(lin[1].bias),
+        "w3": arr(lin[2].weight), "b3": arr(lin[2].bias), "skip": arr(encoder.query_skip),
+        "key_proj": arr(encoder.key_proj), "key_center": arr(encoder.key_center),
+    }  # fmt: skip
+    encoder._cpu_kernel_weights = (stamp, weights)
+    return weights
+
+
+def _fits(encoder, t: torch.Tensor) -> bool:
+    mlp = encoder.query_mlp
+    plain = len(mlp) == 5 and all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in (mlp[1], mlp[3]))
+    return t.device.type == "cpu" and math.prod(t.shape[:3]) <= MAX_ROWS and plain and not torch.is_grad_enabled()
+
+
+def encode_query(encoder, query: torch.Tensor) -> torch.Tensor:
+    """Packed query codes ``[B, H, T, W]`` int64 (as ``encoder.encode_query``)."""
+    if not _fits(encoder, query):
+        return encoder.encode_query(query)
+    nbatch, heads, tokens, dim = query.shape
+    w = _weights(encoder)
+    q = np.ascontiguousarray(query.detach().to(torch.float32).numpy().reshape(-1, dim))
+    out = np.empty((q.shape[0], -(-encoder.bits // 64)), np.int64)
+    query_codes_kernel(q, heads, tokens, w["w1"], w["b1"], w["w2"], w["b2"], w["w3"], w["b3"], w["skip"], out)
+    return torch.from_numpy(out).view(nbatch, heads, tokens, -1)
+
+
+def encode_key(encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed key codes ``[B, Hkv, T, W]`` int64 and centred norms ``[B, Hkv, T]`` (as ``encoder.encode_key``)."""
+    if not _fits(encoder, key):
+        return encoder.encode_key(key)
+    nbatch, kheads, tokens, dim = key.shape
+    w = _weights(encoder)
+    k = np.ascontiguousarray(key.detach().to(torch.float32).numpy().reshape(-1, dim))
+    out = np.empty((k.shape[0], -(-encoder.bits // 64)), np.int64)
+    norms = np.empty(k.shape[0], np.float32)
+    key_codes_kernel(k, kheads, tokens, w["key_center"], w["key_proj"], out, norms)
+    return torch.from_numpy(out).view(nbatch, kheads, tokens, -1), torch.from_numpy(norms).view(nbatch, kheads, tokens)

@@ -251,6 +251,30 @@ def dash_attention(
     return out.output, out.probs, out.tiers
 
 
+_MASKS: list[tuple] = []  # the last few masks' rows: every layer of a forward passes the same mask tensors
+
+
+def _mask_rows(visible, always, shape, heads, group):
+    """Key visibility bytes of the masks as kernel rows (:func:`plumbing.mask_array`), and the number
+    of visible (query head, token, key) triples; kept for the masks of the last few calls, since all
+    layers of a forward share them (a hit needs the very same tensor objects, unmodified)."""
+    for entry in _MASKS:
+        if entry[0] is visible and entry[1] is always and entry[2] == (shape, heads) and entry[3] == (
+            visible is None or visible._version, always is None or always._version
+        ):
+            return entry[4]
+    vis_t = visible if visible is not None else torch.ones(1, 1, 1, shape[3], dtype=torch.bool)
+    codes_t = pl.codes_of(vis_t, always)
+    if group and codes_t.dim() == 4 and codes_t.shape[1] > 1 and codes_t.stride(1) != 0:
+        raise ValueError("share='group' needs visible / always masks shared by all query heads ([B, 1, T, S])")
+    code, cdims = pl.mask_array(codes_t, shape, "visible / always")
+    rows = (code, cdims, int(pl.visible_count(code, cdims, (shape[0], heads, shape[2]))))
+    versions = (visible is None or visible._version, always is None or always._version)
+    _MASKS.insert(0, (visible, always, (shape, heads), versions, rows))
+    del _MASKS[4:]
+    return rows
+
+
 class FusedStep(NamedTuple):
     """Settings of one fused call (see :func:`dash_attention`); ``temporal`` is the momentum mask as
     ``[B*T, S]`` uint8 rows, or None."""
@@ -302,12 +326,8 @@ def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, 
     per_key = (pl.check_codes(key_codes),) + ((knorm,) if knorm is not None else ())
     keys, vals, kc, *rest, half, stride = pl.kv_arrays(key, value, heads, *per_key)
     q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
-    vis_t = visible if visible is not None else torch.ones(1, 1, 1, seq, dtype=torch.bool)
-    codes_t = pl.codes_of(vis_t, always)
     sel_heads = kheads if group else heads
-    if group and codes_t.dim() == 4 and codes_t.shape[1] > 1 and codes_t.stride(1) != 0:
-        raise ValueError("share='group' needs visible / always masks shared by all query heads ([B, 1, T, S])")
-    code, cdims = pl.mask_array(codes_t, (nbatch, sel_heads, tokens, seq), "visible / always")
+    code, cdims, visible_total = _mask_rows(visible, always, (nbatch, sel_heads, tokens, seq), heads, group)
     rows = nbatch * heads * tokens
     srows = nbatch * sel_heads * tokens
     nch = -(-seq // CHUNK)
@@ -365,7 +385,6 @@ def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, 
         prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior is not None else None
     high = int(parts[4].sum())
     middle = int(nmid_part.sum())
-    visible_total = int(pl.visible_count(code, cdims, (nbatch, heads, tokens)))
     counts = torch.tensor([high, middle, visible_total - high - middle], dtype=torch.int64)
     probs_t = torch.from_numpy(probs).view(shape) if return_probs else None
     tiers_t = None
@@ -381,13 +400,16 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     nbatch, heads, tokens, _ = q.shape
     seq = inputs.key.shape[2]
     mid_inputs = None
-    if mid is not None and settings.mid > 0:
-        q32 = q.detach().to(torch.float32)
-        center = expand_kv(mid.key_center.detach().to(torch.float32).unsqueeze(0), heads)[0]
+    if mid is not None and settings.mid > 0:  # |q| and q . mu (mu: the key centre of q's KV head)
+        q32 = pl.as_numpy(q.detach().to(torch.float32))
+        kheads = inputs.key.shape[1]
+        center = pl.as_numpy(mid.key_center.detach().to(torch.float32)).reshape(1, kheads, 1, 1, -1)
+        grouped = q32.reshape(nbatch, kheads, heads // kheads, tokens, -1)
+        qdc = torch.from_numpy(np.einsum("bkgtd,xkyzd->bkgt", grouped, center).reshape(nbatch, heads, tokens))
+        qnorm = torch.from_numpy(np.sqrt(np.einsum("bhtd,bhtd->bht", q32, q32)))
         mid_inputs = MidTierInputs(
-            None, None, None, settings.bits, q32.norm(dim=-1), inputs.key_norms,
-            torch.einsum("bhtd,hd->bht", q32, center), mid.temperature, mid.bias, mid.residual,
-        )  # fmt: skip
+            None, None, None, settings.bits, qnorm, inputs.key_norms, qdc, mid.temperature, mid.bias, mid.residual
+        )
     prior = None
     if inputs.prior is not None:
         prior = pl.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq)

@@ -59,10 +59,13 @@ def tiered(name: str, encoders: HashEncoders, budget: Budget, mid: float = 0.0, 
     return TieredMethod(name=name, budget=budget.share, encoders=encoders, config=config)
 
 
-def dashkv_method(encoders: HashEncoders, budget: Budget, mid_ratio: float = 3.0, name: str = "dashkv") -> TieredMethod:
-    """Full DASH-KV: hashing, cross-head consensus, cross-layer momentum and the mid tier."""
+def dashkv_method(encoders: HashEncoders, budget: Budget, mid_ratio: float = 3.0, name: str = "dashkv",
+                  share: str | None = None) -> TieredMethod:
+    """Full DASH-KV: hashing, cross-head consensus, cross-layer momentum and the mid tier; tiers shared
+    as ``share`` says (None: the config's default)."""
     mid = min(mid_ratio * budget.share, 1.0 - budget.share)
-    return tiered(name, encoders, budget, mid=mid, consensus=True, momentum=True)
+    settings = {} if share is None else {"share": share}
+    return tiered(name, encoders, budget, mid=mid, consensus=True, momentum=True, **settings)
 
 
 def simhash_method(encoders: HashEncoders, budget: Budget) -> TieredMethod:

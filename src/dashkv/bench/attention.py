@@ -18,7 +18,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,8 @@ METHODS = {
     "sdpa": "dense SDPA",
     "dashkv_fused": "DASH-KV fused kernel (high + mid)",
     "dashkv_high": "DASH-KV fused kernel, high tier only",
-    "dashkv_step": "DASH-KV method step (encode + consensus + fused)",
+    "dashkv_step": "DASH-KV method step, tiers per query head (encode + calibration + fused)",
+    "dashkv_step_group": "DASH-KV method step, tiers per GQA group",
     "dashkv_floor": "reads alone (codes, K of high, V of high + mid): the memory floor",
 }
 SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
@@ -130,8 +131,11 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     def high_only():
         cpu.dash_attention(query, key, value, query_codes, codes, k_high, k_mid * 0, scaling, visible, always)
 
-    def method():
-        tiered_step(query, key, value, codes, norms, encoder, config, visible, scaling, None, cpu)
+    prior = torch.softmax(torch.randn(1, 1, seq, generator=gen) * 3, dim=-1)  # a previous layer's
+
+    def method(cfg: DashKVConfig):  # as the decode path calls it: momentum prior in and out, no weights
+        return lambda: tiered_step(query, key, value, codes, norms, encoder, cfg, visible, scaling, prior, cpu,
+                                   always=always, want_prior=cfg.momentum, want_weights=False)  # fmt: skip
 
     _, _, tiers = cpu.dash_attention(
         query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always, mid, return_tiers=True
@@ -145,8 +149,9 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
     def row_reads():
         floor.read_rows(flat_k, flat_v, flat_codes, *lists, kv_heads, cpu.CHUNK, rows_sum, codes_mix)
 
-    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only, "dashkv_step": method,
-           "dashkv_floor": row_reads}
+    fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only,
+           "dashkv_step": method(replace(config, share="head")),
+           "dashkv_step_group": method(replace(config, share="group")), "dashkv_floor": row_reads}
     timings = _time(fns, repeats, warmup)
     scan = _time({"scan": cpu.code_scan_plan(query_codes, codes)}, repeats, warmup)["scan"]
     encode_query = _time({"q": lambda: encoder.encode_query(query)}, repeats, warmup)["q"]
@@ -249,12 +254,14 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     """Markdown table of the cases: medians in ms and speed-ups over SDPA in the same run."""
     lines = ["| shape | S | SDPA ms | fused ms | fused × | high-only ms | high-only × | step ms | step × | "
-             "floor ms | floor × | scan GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "group step ms | group step × | floor ms | floor × | scan GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         lines.append(
             f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
             f"{c['speedup_fused']:.1f} | {c['dashkv_high']['median']:.2f} | {c['speedup_high']:.1f} | "
-            f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | {c['dashkv_floor']['median']:.2f} | "
+            f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | "
+            f"{c['dashkv_step_group']['median']:.2f} | {c['speedup_step_group']:.1f} | {c['dashkv_floor']['median']:.2f} | "
             f"{c['speedup_floor']:.1f} | {c['code_scan_gbps']:.1f} |"
         )
     bw = results["machine"]["read_bandwidth_gbps"]

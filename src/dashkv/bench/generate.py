@@ -432,7 +432,9 @@ def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, pro
         cases = compare(model, encoders, contexts, new_tokens, progress)
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads,
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    # the OpenMP pools' wait policy decides how a busy machine slows both methods down
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")},
         "model": model_name or "SmolLM2-135M-Instruct (embedded)",
         "encoders": source,
         "config": config.to_dict(),

@@ -51,6 +51,9 @@ def _cpu_backend() -> ModuleType | None:
         from dashkv.ops import cpu
     except ImportError:
         return None
+    from dashkv.warmup import warn_if_cold
+
+    warn_if_cold()  # once per process: a cold on-disk cache means the first call compiles
     return cpu
 
 

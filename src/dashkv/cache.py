@@ -67,9 +67,10 @@ class DashKVLayer(DynamicLayer):
         return self._buffers["keys"].shape[2] if self._buffers else 0
 
     def _grow(self, new_states: dict[str, torch.Tensor], needed: int) -> None:
-        """(Re)allocate the buffers for ``needed`` positions (at least double the old capacity), keeping
-        the first ``length`` positions."""
-        capacity = max(needed, 2 * self.capacity)
+        """(Re)allocate the buffers for at least ``needed`` positions, keeping the first ``length``."""
+        # a first allocation (the prefill) leaves room for a quarter more tokens, so that decoding after
+        # it does not double the cache at once; later growth doubles (amortised O(1) appends)
+        capacity = max(needed, 2 * self.capacity) if self.capacity else needed + max(256, needed // 4)
         capacity = -(-capacity // 64) * 64  # whole cache lines of positions
         grown = {}
         for name, state in new_states.items():

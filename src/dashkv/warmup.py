@@ -240,6 +240,8 @@ def warmup(dtypes: tuple[torch.dtype, ...] = (torch.float32,), context: int = 30
     """
     from dashkv.encoders import HashEncoders
 
+    global _warned
+    _warned = True  # compiling is this function's purpose: no "cold cache" warning from the backend
     start = time.perf_counter()
     kernels = cpu_kernels()  # ImportError here without numba
     before = {name: (sum(k.stats.cache_misses.values()), sum(k.stats.cache_hits.values()))

@@ -415,6 +415,7 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     tmask = None
     if prior is not None and settings.temporal_step != 0:  # momentum: dashkv.calibration.momentum_mask
         count = inputs.visible.expand(nbatch, 1, tokens, seq).sum(-1).clamp(min=1).reshape(-1, 1).numpy()
+        count = count.astype(np.float32)  # torch promotes float32 * int64 to float32; numpy would go to float64
         vis = pl.as_numpy(inputs.visible.expand(nbatch, 1, tokens, seq)).reshape(-1, seq)
         tmask = ((prior * count >= settings.momentum_ratio) & vis).view(np.uint8)
     step = FusedStep(float(settings.high), float(settings.mid), settings.bits, settings.min_votes,

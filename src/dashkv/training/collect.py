@@ -43,10 +43,12 @@ class LayerSignals:
 
 
 class _Recorder:
-    def __init__(self, positions: torch.Tensor, store: dict[int, LayerSignals], keep_values: bool):
-        self.positions, self.store, self.keep_values = positions, store, keep_values
+    def __init__(self, positions: torch.Tensor, store: dict[int, LayerSignals], keep_values: bool, skip=()):
+        self.positions, self.store, self.keep_values, self.skip = positions, store, keep_values, skip
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if module.layer_idx in self.skip:  # a sliding-window layer: DASH-KV never serves it
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         signals = self.store.setdefault(module.layer_idx, LayerSignals())
         signals.keys.append(key[0].detach().float().clone())
         signals.queries.append(query[0, :, self.positions].detach().float().clone())
@@ -78,7 +80,8 @@ def collect(
     bfloat16: bool = False,
     natural_share: float = 0.0,
 ) -> dict[int, LayerSignals]:
-    """Run the full-attention model over token sequences and capture each layer's q (sampled) and k.
+    """Run the full-attention model over token sequences and capture each layer's q (sampled) and k
+    (the layers DASH-KV serves: sliding-window layers are skipped).
 
     Parameters
     ----------
@@ -104,8 +107,11 @@ def collect(
         far below what the encoders resolve. Training uses it where :func:`fast_bfloat16`; held-out
         quality does not.
     """
+    from dashkv.models import sliding_windows
+
     generator = torch.Generator().manual_seed(seed)
     store: dict[int, LayerSignals] = {}
+    skip = frozenset(sliding_windows(model.config))
     previous = model.config._attn_implementation
     iterator = progress(sequences) if progress is not None else sequences
     try:
@@ -117,7 +123,7 @@ def collect(
             if max_position is not None and max_position > length and not natural:
                 offset = int(torch.randint(max_position - length + 1, (1,), generator=generator))
             position_ids = (offset + torch.arange(length)).view(1, -1).to(model.device)
-            AttentionInterface.register(COLLECT_NAME, _Recorder(positions, store, keep_values))
+            AttentionInterface.register(COLLECT_NAME, _Recorder(positions, store, keep_values, skip))
             model.set_attn_implementation(COLLECT_NAME)
             # the base model: the LM head is not needed (10 % of the work)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bfloat16):

@@ -8,6 +8,7 @@ from tqdm import tqdm
 from dashkv import corpus
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
+from dashkv.models import attention_scaling
 from dashkv.training.collect import collect, token_windows
 from dashkv.training.report import gap_closed, layer_report, next_token_kl
 
@@ -29,7 +30,7 @@ def held_out_report(model, tokenizer, encoders: HashEncoders, cfg, echo=print) -
         windows = token_windows(tokenizer, text, length, stride=stride)
         signals = collect(model, windows, QUERIES_PER_WINDOW, min_position, seed=1, keep_values=True,
                           progress=lambda xs: tqdm(xs, desc=f"held-out {length}"))
-        rows = layer_report(encoders, random, signals, config)
+        rows = layer_report(encoders, random, signals, config, scaling=attention_scaling(model))
         del signals
         ids = windows[0].view(1, -1)
         kls = next_token_kl(model, ids, {"trained": encoders, "random": random}, config)

@@ -50,9 +50,11 @@ def layer_report(
     signals: dict[int, LayerSignals],
     config: DashKVConfig,
     fractions: tuple[float, ...] = (0.05, 0.10),
+    scaling: float | None = None,
 ) -> dict:
-    """Recall and output error per non-dense layer, and their mean over layers (key ``"mean"``)."""
-    scaling = encoders.shape["head_dim"] ** -0.5
+    """Recall and output error per non-dense layer, and their mean over layers (key ``"mean"``).
+    ``scaling``: the model's attention scaling (default ``head_dim ** -0.5``)."""
+    scaling = scaling if scaling is not None else encoders.shape["head_dim"] ** -0.5
     rows: dict = {}
     for layer, sig in sorted(signals.items()):
         if layer in config.dense_layers:

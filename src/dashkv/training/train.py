@@ -33,6 +33,7 @@ from dashkv.calibration import calibrate, consensus_mask, momentum_mask
 from dashkv.codes import beta_schedule
 from dashkv.config import DashKVConfig
 from dashkv.encoders import STORAGE_DTYPES, HashEncoders, LayerHashEncoder
+from dashkv.models import attention_scaling, tiered_layers
 from dashkv.ops import reference as ops
 from dashkv.ops.dispatch import get_backend
 from dashkv.ops.reference import MidTierInputs, budget_counts, expand_kv
@@ -389,8 +390,8 @@ def train_encoders(
             encoders.layers[int(layer)].load_state_dict(previous.layers[int(layer)].state_dict())
         logger.info("resuming: %d layers already trained", len(done))
     encoders.to(next(model.parameters()).device)
-    scaling = encoders.shape["head_dim"] ** -0.5
-    todo = [i for i in range(encoders.shape["num_layers"]) if i not in cfg.dense_layers and str(i) not in done]
+    scaling = attention_scaling(model)
+    todo = [i for i in tiered_layers(model) if i not in cfg.dense_layers and str(i) not in done]
     workers = min(cfg.layer_workers, max(1, len(todo)))
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else None
     main_threads, main_numba = torch.get_num_threads(), numba.get_num_threads()

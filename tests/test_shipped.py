@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import dashkv
-from dashkv.apply import ACTIVE, attention_modules
+from dashkv.apply import attention_modules
+from dashkv.attention import RUNTIME_KWARG
 from dashkv.encoders import model_fingerprint
 from dashkv.eval.runner import generate_answer
 from dashkv.eval.tasks import passkey
@@ -31,9 +32,16 @@ def test_shipped_encoders_fit_the_size_limit():
 def test_enable_takes_the_shipped_encoders_by_default(default_model):
     model, _ = default_model
     shipped = shipped_encoders(model).state_dict()
-    with dashkv.enable(model):
-        runtime = ACTIVE[attention_modules(model)[1]]
-        used = runtime.encoders.state_dict()
+    seen = []  # the runtime the attention function receives from enable's hook
+    spy = attention_modules(model)[1].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs[RUNTIME_KWARG]), with_kwargs=True
+    )
+    try:
+        with dashkv.enable(model):
+            model(torch.tensor([[1, 2, 3]]))
+    finally:
+        spy.remove()
+    used = seen[0].encoders.state_dict()
     assert used.keys() == shipped.keys() and all(torch.equal(used[k], shipped[k]) for k in used)
 
 

@@ -10,7 +10,6 @@ prefill of an empty cache and for modules DASH-KV is not attached to.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -289,8 +288,9 @@ class _GroupsOnly(nn.Module):
         self.num_key_value_groups, self.is_causal = groups, True
 
 
-# attention module -> runtime of the enable block it belongs to (weak: a dropped model frees its entry)
-ACTIVE: "weakref.WeakKeyDictionary[nn.Module, DashKVRuntime]" = weakref.WeakKeyDictionary()
+# the keyword argument in which dashkv.enable's forward hook passes the running forward's DashKVRuntime
+# (transformers hands a forward's extra keyword arguments down to the attention function)
+RUNTIME_KWARG = "dashkv_runtime"
 
 
 def dashkv_attention_forward(
@@ -307,7 +307,7 @@ def dashkv_attention_forward(
 
     Returns ``(output [B, T, H, D], None)``.
     """
-    runtime = ACTIVE.get(module)
+    runtime = kwargs.pop(RUNTIME_KWARG, None)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if runtime is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)

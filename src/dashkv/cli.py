@@ -19,20 +19,109 @@ class Method(str, Enum):
     dashkv = "dashkv"
 
 
-def _encoders(model, path: Optional[Path], bits: int, seed: int):
+def _user_error(message: str) -> None:
+    """A user mistake: one line on stderr and exit status 2 (click's status for bad usage), no traceback."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _option_error(error: ValueError, renames: dict[str, str] | None = None) -> None:
+    """A config's :class:`ConfigError` as the option that set the field (``high`` -> ``--high``)."""
+    field = getattr(error, "field", None)
+    if field is None:
+        _user_error(str(error))
+    option = (renames or {}).get(field, "--" + field.replace("_", "-"))
+    _user_error(f"{option}: {error}")
+
+
+def _check_config(**settings) -> DashKVConfig:
+    """The DashKVConfig of the options (its own checks), or a one-line error naming the option."""
+    try:
+        return DashKVConfig(**settings)
+    except ValueError as error:
+        _option_error(error)
+
+
+def _positive(option: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        _user_error(f"{option} {value} is not allowed; {option} must be an integer >= {minimum}")
+
+
+def _read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
+    if (prompt is None) == (file is None):
+        _user_error("give either a PROMPT argument or --file, not both (nor neither)")
+    if file is not None:
+        if not file.is_file():
+            _user_error(f"--file {file}: no such file")
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            _user_error(f"--file {file}: cannot read it as text ({error})")
+    else:
+        text = prompt
+    if not text.strip():
+        _user_error("--file: the prompt is empty" if file is not None else "PROMPT: the prompt is empty")
+    return text
+
+
+def _check_model_option(model: Optional[str]) -> None:
+    """A local ``--model`` must be a Hugging Face model directory (hub ids are tried when loading)."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            _user_error(f"--model {model}: not a Hugging Face model directory (it has no config.json)")
+    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        _user_error(f"--model {model}: no such directory (give a model directory or a hub id such as org/name)")
+
+
+def _load_model(model: Optional[str]):
+    """``dashkv.load_model`` with the user's mistakes as one line naming ``--model``."""
+    import dashkv
+
+    _check_model_option(model)
+    try:
+        return dashkv.load_model(model)
+    except (OSError, ValueError) as error:  # a hub id that cannot be fetched, an unsupported model type
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _user_error(f"--model {model or '(default)'}: cannot load it: {first}")
+
+
+def _load_encoders(path: Optional[Path]):
+    """The encoders of ``--encoders`` (before any model loads), or None."""
+    if path is None:
+        return None
+    from dashkv import HashEncoders
+
+    try:
+        return HashEncoders.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        _user_error(f"--encoders {path}: {error}")
+
+
+def _encoders(model, given, path: Optional[Path], bits: Optional[int], seed: int):
+    """The encoders to run (``--encoders``, else shipped, else random) and where they came from; ``--bits``
+    only chooses the random ones' length, so another length with given or shipped encoders is refused."""
     from dashkv import HashEncoders
     from dashkv.shipped import shipped_encoders
 
-    if path is not None:
-        return HashEncoders.from_pretrained(path), str(path)
-    try:
-        return shipped_encoders(model), "shipped"
-    except ValueError:
-        return HashEncoders.random(model, bits=bits, seed=seed), f"random projection ({bits} bits, seed {seed})"
+    if given is not None:
+        encoders, source = given, str(path)
+    else:
+        try:
+            encoders, source = shipped_encoders(model), "shipped"
+        except ValueError:
+            bits = bits if bits is not None else DashKVConfig.bits
+            return HashEncoders.random(model, bits=bits, seed=seed), f"random projection ({bits} bits, seed {seed})"
+    if bits is not None and bits != encoders.bits:
+        _user_error(f"--bits {bits} cannot apply: the {source} encoders are {encoders.bits}-bit (--bits only sets "
+                    "the length of random encoders, used when none are given or shipped); drop --bits")  # fmt: skip
+    return encoders, source
 
 
 def _config(encoders, high: float, mid: float, sinks: int, window: int):
-    return DashKVConfig(bits=encoders.bits, high=high, mid=mid, sinks=sinks, window=window)
+    return _check_config(bits=encoders.bits, high=high, mid=mid, sinks=sinks, window=window)
 
 
 @app.command()
@@ -42,13 +131,15 @@ def generate(
     method: Method = typer.Option(Method.dashkv, help="full attention or DASH-KV."),
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(DashKVConfig.bits, help="Bits of random encoders (when none are given or shipped)."),
+    bits: Optional[int] = typer.Option(
+        None, help=f"Bits of random encoders, used when none are given or shipped (default {DashKVConfig.bits})."
+    ),
     high: float = typer.Option(0.05, help="Share of context keys attended exactly."),
     mid: float = typer.Option(0.15, help="Share of context keys estimated from codes."),
     sinks: int = typer.Option(4),
     window: int = typer.Option(64),
     max_new_tokens: int = typer.Option(64),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of random encoders."),
 ) -> None:
     """Generate a continuation of a prompt."""
     import time
@@ -57,23 +148,30 @@ def generate(
 
     import dashkv
 
-    if (prompt is None) == (file is None):
-        raise typer.BadParameter("give either a PROMPT argument or --file, not both")
-    text = file.read_text() if file is not None else prompt
-    if not text.strip():
-        raise typer.BadParameter("the prompt is empty")
-    lm, tok = dashkv.load_model(model)
+    text = _read_prompt(prompt, file)  # every option checked before the model loads
+    _positive("--max-new-tokens", max_new_tokens)
+    given = None
+    if method is Method.dashkv:
+        _check_config(bits=bits if bits is not None else DashKVConfig.bits, high=high, mid=mid, sinks=sinks,
+                      window=window)  # fmt: skip
+        given = _load_encoders(encoders)
+    lm, tok = _load_model(model)
     ids = tok(text, return_tensors="pt").input_ids
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise typer.BadParameter(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new exceeds the model's {limit}")
+        _user_error(f"--max-new-tokens {max_new_tokens}: the prompt's {ids.shape[1]} tokens + {max_new_tokens} new "
+                    f"exceed the model's {limit} positions")  # fmt: skip
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
     start = time.perf_counter()
     if method is Method.full:
         out = lm.generate(ids, **kwargs)
         stats = None
     else:
-        enc, source = _encoders(lm, encoders, bits, seed)
+        enc, source = _encoders(lm, given, encoders, bits, seed)
+        try:
+            enc.check_compatible(lm)
+        except ValueError as error:
+            _user_error(f"--encoders {encoders}: {error}")
         typer.echo(f"encoders: {source}")
         with dashkv.enable(lm, enc, _config(enc, high, mid, sinks, window)) as stats:
             out = lm.generate(ids, **kwargs)
@@ -91,7 +189,9 @@ def demo(
     length: int = typer.Option(7500, help="Context length in tokens."),
     seed: int = typer.Option(0, help="Seed of the haystack, needle position and pass key."),
     encoders: Optional[Path] = typer.Option(None, help="Encoders directory (default: shipped, else random)."),
-    bits: int = typer.Option(DashKVConfig.bits),
+    bits: Optional[int] = typer.Option(
+        None, help=f"Bits of random encoders, used when none are given or shipped (default {DashKVConfig.bits})."
+    ),
     high: float = typer.Option(0.05),
     mid: float = typer.Option(0.15),
     sinks: int = typer.Option(4),
@@ -102,28 +202,26 @@ def demo(
     """Hide a pass key in real text, prefill it once, and answer from it with full attention and DASH-KV."""
     import time
 
-    import dashkv
     from dashkv.eval.runner import answer_from_cache, dynamic_copy, prefill_context
     from dashkv.eval.tasks import passkey
 
     if length < _DEMO_MIN_LENGTH:
-        raise typer.BadParameter(f"--length {length}: at least {_DEMO_MIN_LENGTH} tokens (the needle and some text)")
+        _user_error(f"--length {length}: at least {_DEMO_MIN_LENGTH} tokens (the needle and some text)")
     if new_tokens < 2:
-        raise typer.BadParameter(f"--new-tokens {new_tokens}: at least 2")
+        _user_error(f"--new-tokens {new_tokens}: at least 2")
+    _check_config(bits=bits if bits is not None else DashKVConfig.bits, high=high, mid=mid, sinks=sinks, window=window)
+    given = _load_encoders(encoders)
     start = time.perf_counter()
-    lm, tok = dashkv.load_model()
+    lm, tok = _load_model(None)
     typer.echo(f"model: SmolLM2-135M-Instruct, loaded in {time.perf_counter() - start:.1f} s")
-    enc, source = _encoders(lm, encoders, bits, seed)
-    try:
-        cfg = _config(enc, high, mid, sinks, window)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+    enc, source = _encoders(lm, given, encoders, bits, seed)
+    cfg = _config(enc, high, mid, sinks, window)
     sample = passkey.make_sample(tok, length, seed)
     ids = tok(sample.context, return_tensors="pt").input_ids
     limit = getattr(lm.config, "max_position_embeddings", None)
     question = len(tok(sample.question, add_special_tokens=False).input_ids)
     if limit is not None and ids.shape[1] + question + new_tokens > limit:
-        raise typer.BadParameter(f"--length {length}: {ids.shape[1]} context tokens + the question + "
+        _user_error(f"--length {length}: {ids.shape[1]} context tokens + the question + "
                                  f"{new_tokens} new exceed the model's {limit} positions")  # fmt: skip
     typer.echo(f"encoders: {source}; high={high:.0%} mid={mid:.0%} sinks={sinks} window={window}")
     typer.echo(f"pass key {sample.answer} hidden at depth {sample.depth:.0%} of {ids.shape[1]} tokens of real text")
@@ -131,6 +229,8 @@ def demo(
     typer.echo(f"shared dense prefill: {ids.shape[1]} tokens in {seconds:.1f} s (K/V and key codes; both "
                "methods answer from it)\n")  # fmt: skip
     full = answer_from_cache(lm, tok, dynamic_copy(cache), sample.question, new_tokens)
+    import dashkv
+
     with dashkv.enable(lm, enc, cfg) as stats:
         hashed = answer_from_cache(lm, tok, cache, sample.question, new_tokens)
     for name, answer in (("full attention", full), ("DASH-KV", hashed)):
@@ -163,9 +263,9 @@ def _device(name: str):
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+        _user_error(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter(f"--device {name!r}: no CUDA device is available here; use cpu or auto")
+        _user_error(f"--device {name!r}: no CUDA device is available here; use cpu or auto")
     return device
 
 
@@ -208,7 +308,6 @@ def train(
     import torch
     from tqdm import tqdm
 
-    import dashkv
     from dashkv import corpus
     from dashkv.training.collect import LayerSignals, collect, fast_bfloat16, read_corpus, token_windows
     from dashkv.training.train import TrainConfig, train_encoders
@@ -221,12 +320,19 @@ def train(
                           natural_share=natural_share, forward_weight=forward_weight, layer_workers=layer_workers,
                           weights_dtype=weights_dtype)
     except ValueError as error:  # a clear message naming the option, not a traceback
-        raise typer.BadParameter(str(error)) from None
-    lm, tok = dashkv.load_model(model)
+        _option_error(error, {"min_position": "--seq-len/--long-seq-len"})
+    if output.exists() and not output.is_dir():
+        _user_error(f"--output {output}: is a file; give a directory for the encoders")
+    missing = [str(f) for f in corpus_files or [] if not f.is_file()]
+    if missing:
+        _user_error(f"--corpus: no such file {missing[0]}")
+    lm, tok = _load_model(model)
     lm.to(target)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.seq_len, cfg.long_seq_len if cfg.long_sequences else 0) > limit:
-        raise typer.BadParameter(f"seq_len/long_seq_len exceed the model's {limit} positions")
+        option = "--seq-len" if cfg.seq_len > limit else "--long-seq-len"
+        _user_error(f"{option}: seq_len={cfg.seq_len}, long_seq_len={cfg.long_seq_len} exceed the model's {limit} "
+                    "positions (--long-sequences 0 drops the long ones)")  # fmt: skip
     if bf16 is None:
         bf16 = fast_bfloat16(lm.device)
     text = read_corpus(corpus_files) if corpus_files else corpus.text("train")
@@ -279,9 +385,18 @@ def bench_attention(
     chosen = tuple(s.strip() for s in shapes.split(","))
     unknown = [s for s in chosen if s not in attention.SHAPES]
     if unknown:
-        raise typer.BadParameter(f"shapes {unknown} are not known; choose from {sorted(attention.SHAPES)}")
-    results = attention.run(tuple(int(s) for s in sizes.split(",")), chosen, repeats=repeats, threads=threads,
-                            bits=bits, output=output, progress=lambda xs: tqdm(xs, desc="cases"))
+        _user_error(f"--shapes: {unknown} are not known; choose from {sorted(attention.SHAPES)}")
+    try:
+        lengths = tuple(int(s) for s in sizes.split(","))
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        _user_error(f"--sizes {sizes!r} is not allowed; give comma-separated cache lengths >= 1, e.g. 1024,4096")
+    _positive("--repeats", repeats)
+    _positive("--threads", threads)
+    _check_config(bits=bits)
+    results = attention.run(lengths, chosen, repeats=repeats, threads=threads, bits=bits, output=output,
+                            progress=lambda xs: tqdm(xs, desc="cases"))  # fmt: skip
     typer.echo(attention.table(results))
     typer.echo(f"\nwrote {output / 'attention.json'} and {output / 'attention.png'}")
 
@@ -307,7 +422,8 @@ def bench_generate(
     try:  # every option checked before the model loads
         generate.check_options(sizes, new_tokens, busy, threads, flags=True)
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        _user_error(str(error))
+    _check_model_option(model)
     results = generate.run(sizes, new_tokens, threads, model, output, progress=lambda xs: tqdm(xs, desc="contexts"),
                            busy=busy)  # fmt: skip
     typer.echo(generate.table(results))
@@ -322,8 +438,7 @@ def _lengths(text: str) -> tuple[int, ...]:
         try:
             sizes.append(int(part[:-1]) * 1024 if part[-1:] in ("k", "K") else int(part))
         except ValueError:
-            raise typer.BadParameter(f"--lengths {text!r}: give comma-separated integers, e.g. 2048,4096 or 2K,4K") \
-                from None
+            _user_error(f"--lengths {text!r}: give comma-separated integers, e.g. 2048,4096 or 2K,4K")
     return tuple(sizes)
 
 
@@ -343,12 +458,25 @@ def warmup_command() -> None:
         typer.echo(f"DASH-KV CPU kernels already compiled; loaded {len(report.loaded)} in {report.seconds:.1f} s")
 
 
-def main() -> None:  # pragma: no cover - entry point
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``dashkv`` entry point: usage errors (click's, typer's) as one line, like the commands' own."""
+    import sys
+
     from transformers.utils import logging as hf_logging
 
+    # typer may vendor its own click: take its ClickException from the exceptions it raises
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     logging.basicConfig(level=logging.WARNING)
     hf_logging.disable_progress_bar()  # weight-loading bars drown the demo's output
-    app()
+    try:
+        status = app(args=argv, prog_name="dashkv", standalone_mode=False)
+    except click_error as error:  # a bad option value, a missing argument: one line, no usage box
+        typer.echo(f"Error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

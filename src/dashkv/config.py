@@ -1,8 +1,11 @@
-"""DashKVConfig: the inference-time settings of DASH-KV, validated on construction."""
+"""DashKVConfig: the inference-time settings of DASH-KV, validated on construction and frozen after it."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 
 SUPPORTED_BITS = (16, 32, 64, 128)
 PREFILL_MODES = ("dense", "tiered")
@@ -10,13 +13,46 @@ SELECTORS = ("hash", "oracle")
 SHARING = ("head", "group")
 
 
+class ConfigError(ValueError):
+    """A setting that is not allowed; ``field`` names it (the CLI turns it into its option)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _fail(name: str, value: object, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
+    raise ConfigError(name, f"{name}={value!r} is not allowed; {name} must be {allowed}")
 
 
-@dataclass
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) ``>= minimum``, else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def check_real(name: str, value: object, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number (not a bool) in the interval, else :class:`ConfigError`."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        _fail(name, value, f"a finite number in {interval}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        _fail(name, value, f"a number in {interval}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    if not isinstance(value, type(choices[0])) or isinstance(value, bool) or value not in choices:
+        _fail(name, value, f"one of {choices}")
+    return value
+
+
+@dataclass(frozen=True)
 class DashKVConfig:
-    """Settings of tiered hashed attention.
+    """Settings of tiered hashed attention (frozen: change one with ``dataclasses.replace``).
 
     Parameters
     ----------
@@ -46,9 +82,10 @@ class DashKVConfig:
         Weight of the older layers in the running attention prior, in ``[0, 1)``.
     momentum_ratio : float
         A key has sustained attention when its prior exceeds this many times the uniform share.
-    dense_layers : tuple of int
-        Layers that always run full attention. Layer 0 of most LLMs attends almost uniformly (on
-        SmolLM2, half its keys hold 90 % of its attention), so selecting there buys nothing.
+    dense_layers : sequence of int
+        Layers that always run full attention (kept as a sorted tuple). Layer 0 of most LLMs attends
+        almost uniformly (on SmolLM2, half its keys hold 90 % of its attention), so selecting there
+        buys nothing.
     prefill : str
         ``"dense"``: a forward over an empty cache runs full attention (the context is prefilled
         exactly); ``"tiered"``: it goes through the tiers too, in query chunks.
@@ -86,48 +123,49 @@ class DashKVConfig:
     share: str = "head"
 
     def __post_init__(self) -> None:
-        self.dense_layers = tuple(self.dense_layers)
-        if self.bits not in SUPPORTED_BITS:
+        def store(name: str, value: object) -> None:  # frozen: the checked values are set once, here
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.bits, bool) or not isinstance(self.bits, Integral) or self.bits not in SUPPORTED_BITS:
             _fail("bits", self.bits, f"one of {SUPPORTED_BITS}")
+        store("bits", int(self.bits))
         for name in ("high", "mid"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                _fail(name, value, "a number in [0, 1]")
+            store(name, check_real(name, getattr(self, name), 0.0, 1.0))
         if self.high + self.mid > 1.0 + 1e-9:
-            raise ValueError(
-                f"high + mid = {self.high} + {self.mid} = {self.high + self.mid} exceeds 1; "
-                "their sum must be at most 1"
-            )
-        if not isinstance(self.sinks, int) or self.sinks < 0:
-            _fail("sinks", self.sinks, "an integer >= 0")
-        if not isinstance(self.window, int) or self.window < 1:
-            _fail("window", self.window, "an integer >= 1 (a query always sees itself)")
-        if not 0.0 < self.vote_fraction <= 1.0:
-            _fail("vote_fraction", self.vote_fraction, "in (0, 1]")
+            raise ConfigError("high", f"high + mid = {self.high} + {self.mid} = {self.high + self.mid} exceeds 1; "
+                              "their sum must be at most 1")  # fmt: skip
+        store("sinks", check_int("sinks", self.sinks, 0))
+        store("window", check_int("window", self.window, 1))
+        for name in ("consensus", "momentum"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        store("vote_fraction", check_real("vote_fraction", self.vote_fraction, 0.0, 1.0, low_open=True))
         for name in ("spatial_discount", "temporal_discount"):
             value = getattr(self, name)
-            if value is not None and value > 0:
-                _fail(name, value, "<= 0 (a discount lowers the distance) or None")
-        if not 0.0 <= self.momentum_decay < 1.0:
-            _fail("momentum_decay", self.momentum_decay, "in [0, 1)")
-        if self.momentum_ratio <= 0:
-            _fail("momentum_ratio", self.momentum_ratio, "> 0")
-        if any((not isinstance(i, int)) or i < 0 for i in self.dense_layers):
-            _fail("dense_layers", self.dense_layers, "a tuple of layer indices >= 0")
-        if self.prefill not in PREFILL_MODES:
-            _fail("prefill", self.prefill, f"one of {PREFILL_MODES}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            _fail("chunk_size", self.chunk_size, "an integer >= 1")
-        if self.share not in SHARING:
-            _fail("share", self.share, f"one of {SHARING}")
-        if self.selector not in SELECTORS:
-            _fail("selector", self.selector, f"one of {SELECTORS}")
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value > 0:
+                    _fail(name, value, "a finite number <= 0 (a discount lowers the distance) or None")
+                store(name, float(value))
+        store("momentum_decay", check_real("momentum_decay", self.momentum_decay, 0.0, 1.0, high_open=True))
+        ratio = self.momentum_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio) or ratio <= 0:
+            _fail("momentum_ratio", ratio, "a finite number > 0")
+        store("momentum_ratio", float(ratio))
+        layers = self.dense_layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, set, frozenset)) or any(
+            isinstance(i, bool) or not isinstance(i, Integral) or i < 0 for i in layers
+        ):
+            _fail("dense_layers", layers, "a sequence of layer indices >= 0, e.g. (0,) or ()")
+        store("dense_layers", tuple(sorted({int(i) for i in layers})))
+        check_choice("prefill", self.prefill, PREFILL_MODES)
+        store("chunk_size", check_int("chunk_size", self.chunk_size, 1))
+        check_choice("share", self.share, SHARING)
+        check_choice("selector", self.selector, SELECTORS)
         if self.selector == "oracle" and self.mid > 0:
             _fail("mid", self.mid, "0 with selector='oracle' (exact top-k has no estimated tier)")
         from dashkv.ops.dispatch import BACKENDS
 
-        if self.backend not in BACKENDS:
-            _fail("backend", self.backend, f"one of {BACKENDS}")
+        check_choice("backend", self.backend, BACKENDS)
 
     @classmethod
     def full(cls, **overrides: object) -> "DashKVConfig":

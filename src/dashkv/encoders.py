@@ -187,7 +187,8 @@ class HashEncoders(nn.Module):
             )
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        """Write ``encoders.safetensors`` and ``config.json`` to ``directory``.
+        """Write ``encoders.safetensors`` and ``config.json`` (with the weights' :func:`weights_digest`)
+        to ``directory``.
 
         ``dtype``: the file's (the encoders compute in float32 whatever it is). ``torch.float16`` halves
         the file; measured on SmolLM2's 128-bit encoders it flips ~1e-4 of the code bits and leaves
@@ -208,23 +209,137 @@ class HashEncoders(nn.Module):
             "hidden": self.hidden,
             "model": self.shape,
             "fingerprint": self.fingerprint,
+            DIGEST_FIELD: weights_digest(tensors),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "HashEncoders":
-        """Load encoders written by :meth:`save_pretrained`."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved HashEncoders directory")
-        config = json.loads(config_path.read_text())
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"encoders format_version={config.get('format_version')!r} in {config_path} is not supported; "
-                f"this dashkv reads format_version {FORMAT_VERSION}"
-            )
-        encoders = cls(config["model"], bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"])
-        encoders.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        """Load encoders written by :meth:`save_pretrained`, after checking them.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``directory`` lacks ``config.json`` or ``encoders.safetensors``.
+        ValueError
+            Naming the file and field: a malformed ``config.json`` (invalid JSON, a field missing or of
+            the wrong type), a weights file that is not safetensors, tensors whose names or shapes do not
+            match the config, a digest that does not match the weights, or non-finite weights.
+        """
+        config, tensors = _read_checked(Path(directory))
+        model = config["model"]
+        encoders = cls(model, bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"])
+        encoders.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         return encoders.eval()
+
+
+DIGEST_FIELD = "weights_sha256"
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (hex string).
+
+    It covers the content, not the file's layout, so a file rewritten with the same tensors keeps it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_checked(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``config.json`` and the tensors of a saved encoders directory, every field and tensor checked."""
+    if not directory.exists():
+        raise FileNotFoundError(f"encoders directory {directory} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"encoders path {directory} is a file; give the directory that holds "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")  # fmt: skip
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved HashEncoders directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); it should be written by save_pretrained") from None
+    _check_config(config, config_path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory} (its {CONFIG_NAME} is there)")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error type for every malformed header
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({error})") from None
+    _check_tensors(config, config_path, weights_path, tensors)
+    recorded = config.get(DIGEST_FIELD)
+    if recorded is None:  # files written before the digest existed (dashkv train output): still read
+        logger.warning("%s has no %s (written by an older dashkv), so its integrity cannot be checked; "
+                       "load and save_pretrained it again to add one", config_path, DIGEST_FIELD)
+    elif weights_digest(tensors) != recorded:
+        raise ValueError(f"{weights_path} does not match {DIGEST_FIELD} in {config_path}: the weights were "
+                         "changed or corrupted after saving; copy or train them again")  # fmt: skip
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: tensor {name} holds non-finite values (NaN or inf); "
+                             "its codes would be meaningless")  # fmt: skip
+    return config, tensors
+
+
+def _check_config(config: object, path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` and the field for a missing or malformed field."""
+
+    def bad(field: str, value: object, allowed: str) -> None:
+        raise ValueError(f"{path}: {field}={value!r} is not allowed; {field} must be {allowed}")
+
+    def integer(field: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad(field, value, "an integer >= 1")
+
+    if not isinstance(config, dict):
+        bad("config", config, "a JSON object")
+    required = ("format_version", "bits", "hidden", "model", "fingerprint")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}; a saved HashEncoders config has {list(required)}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"encoders format_version={config['format_version']!r} in {path} is not supported; "
+                         f"this dashkv reads format_version {FORMAT_VERSION}")  # fmt: skip
+    if isinstance(config["bits"], bool) or config["bits"] not in SUPPORTED_BITS:
+        bad("bits", config["bits"], f"one of {SUPPORTED_BITS}")
+    integer("hidden", config["hidden"])
+    model = config["model"]
+    keys = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+    if not isinstance(model, dict) or any(k not in model for k in keys):
+        bad("model", model, f"an object with the fields {list(keys)}")
+    for key in keys[1:]:
+        integer(f"model.{key}", model[key])
+    if model["num_heads"] % model["num_kv_heads"]:
+        bad("model.num_kv_heads", model["num_kv_heads"], f"a divisor of model.num_heads={model['num_heads']}")
+    if config["fingerprint"] is not None and not isinstance(config["fingerprint"], str):
+        bad("fingerprint", config["fingerprint"], "a string or null")
+    digest = config.get(DIGEST_FIELD)
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):  # fmt: skip
+        bad(DIGEST_FIELD, digest, "a sha256 hex digest (64 characters 0-9a-f)")
+
+
+def _check_tensors(config: dict, config_path: Path, weights_path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless the tensors are exactly those the config's encoders hold."""
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        template = HashEncoders(config["model"], bits=config["bits"], hidden=config["hidden"])
+    expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    fields = f"bits={config['bits']}, hidden={config['hidden']}, model={config['model']}"
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{weights_path} does not hold the tensors {config_path} ({fields}) describes: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{weights_path}: tensor {name} has shape {list(tensors[name].shape)} but {config_path} "
+                             f"({fields}) implies {list(shape)}")  # fmt: skip
+        if tensors[name].dtype not in STORAGE_DTYPES:
+            raise ValueError(f"{weights_path}: tensor {name} is {tensors[name].dtype}; "
+                             f"encoder files hold one of {STORAGE_DTYPES}")  # fmt: skip

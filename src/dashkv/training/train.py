@@ -24,6 +24,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from pathlib import Path
 
 import numba
@@ -31,7 +32,7 @@ import torch
 
 from dashkv.calibration import calibrate, consensus_mask, momentum_mask
 from dashkv.codes import beta_schedule
-from dashkv.config import DashKVConfig
+from dashkv.config import ConfigError, DashKVConfig, check_int, check_real
 from dashkv.encoders import STORAGE_DTYPES, HashEncoders, LayerHashEncoder
 from dashkv.models import attention_scaling, tiered_layers
 from dashkv.ops import reference as ops
@@ -82,23 +83,33 @@ class TrainConfig:
     weights_dtype: str = "float16"  # of the saved file (see HashEncoders.save_pretrained); checkpoints stay float32
 
     def __post_init__(self) -> None:
-        self.dense_layers = tuple(self.dense_layers)
+        # the settings shared with inference are checked by DashKVConfig itself (one rule, one message)
+        shared = DashKVConfig(bits=self.bits, high=self.high, mid=self.mid, sinks=self.sinks, window=self.window,
+                              dense_layers=self.dense_layers)  # fmt: skip
+        self.bits, self.high, self.mid, self.dense_layers = shared.bits, shared.high, shared.mid, shared.dense_layers
         for name in ("steps", "seq_len", "long_seq_len", "queries_per_sequence", "queries_per_step", "keys_per_step",
-                     "layer_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+                     "layer_workers", "min_position"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        for name in ("long_sequences", "stage2_steps", "discount_sequences", "seed"):
+            setattr(self, name, check_int(name, getattr(self, name), 0))
+        if self.sequences is not None:
+            self.sequences = check_int("sequences", self.sequences, 1)
         if not self.sinks + self.window < self.min_position < min(self.seq_len, self.long_seq_len):
-            raise ValueError(
+            raise ConfigError("min_position",
                 f"min_position={self.min_position} must lie between sinks + window ({self.sinks + self.window}) "
                 f"and seq_len ({self.seq_len}, long_seq_len {self.long_seq_len}) so every sampled query has keys to select"
-            )
-        for name in ("long_sequences", "forward_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+            )  # fmt: skip
+        if isinstance(self.lr, bool) or not isinstance(self.lr, Real) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError("lr", f"lr={self.lr!r} is not allowed; lr must be a finite number > 0")
+        for name in ("forward_weight", "balance_weight", "quant_weight"):
+            setattr(self, name, check_real(name, getattr(self, name), 0.0, 1e6))
+        for name in ("beta_start", "beta_end"):
+            setattr(self, name, check_real(name, getattr(self, name), 0.0, 1e6, low_open=True))
         if self.weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"weights_dtype={self.weights_dtype!r} must be one of {WEIGHTS_DTYPES}")
-        if not 0.0 <= self.natural_share <= 1.0:
-            raise ValueError(f"natural_share={self.natural_share!r} must lie in [0, 1]")
+            raise ConfigError("weights_dtype", f"weights_dtype={self.weights_dtype!r} must be one of {WEIGHTS_DTYPES}")
+        self.natural_share = check_real("natural_share", self.natural_share, 0.0, 1.0)
+        if not isinstance(self.random_offsets, bool):
+            raise ConfigError("random_offsets", f"random_offsets={self.random_offsets!r} must be True or False")
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from dashkv.attention import ATTENTION_NAME, RUNTIME_KWARG, DashKVRuntime, dashk
 from dashkv.cache import DashKVCache, upgrade_cache
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
-from dashkv.models import attention_modules, check_supported
+from dashkv.models import attention_modules, check_supported, sliding_windows
 from dashkv.stats import TierStats
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def _input_length(args: tuple, kwargs: dict) -> int:
 def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, model: nn.Module,
                 beyond_positions: bool):  # fmt: skip
     dense = config.dense_layers
+    sliding = frozenset(sliding_windows(model.config))  # left to transformers, cache layers included
     limit = getattr(_text_config(model), "max_position_embeddings", None)
     threads = threading.local()  # the runtime of each thread generating inside this block
     warned = set()
@@ -107,10 +108,10 @@ def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, 
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
         if cache is None and use_cache:
-            cache = DashKVCache(encoders, dense)
+            cache = DashKVCache(encoders, dense, config=model.config)
             kwargs["past_key_values"] = cache
         elif cache is not None:  # a plain DynamicCache, or a DashKVCache made without (these) encoders
-            upgrade_cache(cache, encoders, dense)
+            upgrade_cache(cache, encoders, dense, sliding)
         elif config.prefill == "dense" and "use_cache" not in warned:
             warned.add("use_cache")
             logger.warning("use_cache=False under dashkv.enable: every forward is a prefill over an empty cache, "
@@ -125,7 +126,7 @@ def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, 
                                  "prompt or max_new_tokens, or pass allow_beyond_positions=True to dashkv.enable")  # fmt: skip
         runtime = getattr(threads, "runtime", None)
         if runtime is None:
-            runtime = threads.runtime = DashKVRuntime(encoders, config, stats)
+            runtime = threads.runtime = DashKVRuntime(encoders, config, stats, sliding=sliding)
         runtime.begin_forward(cache)
         kwargs[RUNTIME_KWARG] = runtime
         return args, kwargs
@@ -135,14 +136,19 @@ def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, 
 
 
 def _check_layer_kinds(model: nn.Module) -> None:
-    """Raise ``ValueError`` unless every layer is full causal attention (the only kind the tiers serve)."""
+    """Raise ``ValueError`` unless the layers are full causal attention, or sliding-window layers (which
+    are left to transformers) beside at least one full layer."""
     text = _text_config(model)
     kinds = list(getattr(text, "layer_types", None) or [])
-    other = sorted({k for k in kinds if k != "full_attention"})
+    left = ("full_attention", "sliding_attention", "chunked_attention")
+    other = sorted({k for k in kinds if k not in left})
     if other:
-        layers = [i for i, k in enumerate(kinds) if k != "full_attention"]
+        layers = [i for i, k in enumerate(kinds) if k not in left]
         raise ValueError(f"layer_types: layers {layers[:8]}{'...' if len(layers) > 8 else ''} are {other}; "
-                         "DASH-KV serves full causal attention layers only")  # fmt: skip
+                         "DASH-KV serves full causal attention layers (sliding ones run as they are)")  # fmt: skip
+    if kinds and len(sliding_windows(model.config)) == len(kinds):
+        raise ValueError("layer_types: every layer attends to a sliding window; DASH-KV serves full "
+                         "attention layers and this model has none")  # fmt: skip
     window = getattr(text, "sliding_window", None)
     if getattr(text, "model_type", None) == "mistral" and window is not None:
         raise ValueError(f"sliding_window={window}: this Mistral attends to a sliding window, which DASH-KV does "

@@ -192,6 +192,8 @@ class DashKVRuntime:
     _warned: bool = False
 
     _masks: dict = field(default_factory=dict)
+    # the model's sliding-window layers: transformers' SDPA runs them, untouched (DASH-KV keeps every key)
+    sliding: frozenset[int] = frozenset()
 
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
@@ -309,6 +311,6 @@ def dashkv_attention_forward(
     """
     runtime = kwargs.pop(RUNTIME_KWARG, None)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if runtime is None:
+    if runtime is None or module.layer_idx in runtime.sliding:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     return runtime.attend(module.layer_idx, query, key, value, attention_mask, scaling), None

@@ -199,8 +199,30 @@ def run(
     progress=None,
     bandwidth_mb: int = 512,
     bits: int = DashKVConfig.bits,
+    device: str = "cpu",
+    batches: tuple[int, ...] | None = None,
 ) -> dict:
-    """The whole benchmark; writes ``attention.json`` and ``attention.png`` to ``output`` if given."""
+    """The whole benchmark; writes ``attention.json`` and ``attention.png`` to ``output`` if given.
+
+    ``device="cuda"``: the GPU benchmark instead (:mod:`dashkv.bench.attention_gpu`: bf16, ``batches``
+    (default 1 and 8), SDPA against the Triton step); ``threads`` and ``bandwidth_mb`` are not used.
+    """
+    if torch.device(device).type == "cuda":
+        from dashkv.bench import attention_gpu as gpu
+
+        def write(results: dict) -> None:
+            if output is not None:
+                Path(output).mkdir(parents=True, exist_ok=True)
+                (Path(output) / "attention_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+
+        results = gpu.run_gpu(sizes, shapes, batches or gpu.GPU_BATCHES, repeats=repeats, warmup=warmup, bits=bits,
+                              progress=progress, checkpoint=write)  # fmt: skip
+        write(results)
+        if output is not None:
+            gpu.plot_gpu(results, Path(output) / "attention_gpu.png")
+        return results
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"device={device!r} is not supported; choose 'cpu' or 'cuda'")
     import numba
 
     torch.set_num_threads(threads)
@@ -272,3 +294,34 @@ def table(results: dict) -> str:
         text = ", ".join(f"{name} {slope:.2f}" for name, slope in by_method.items())
         lines.append(f"log-log slope 16K-128K, {shape}: {text}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dashkv.bench.attention [--device cuda] ...``: the benchmark without the CLI."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--sizes", default=None, help="comma-separated cache lengths S")
+    parser.add_argument("--shapes", default="smollm2,llama3-8b")
+    parser.add_argument("--batches", default="1,8", help="GPU only: comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        from dashkv.bench.attention_gpu import GPU_SIZES as default_sizes, table_gpu as show
+    else:
+        default_sizes, show = SIZES, table
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else default_sizes
+    shapes = tuple(s.strip() for s in args.shapes.split(","))
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: {unknown} are not known; choose from {sorted(SHAPES)}")
+    results = run(sizes, shapes, repeats=args.repeats or (20 if cuda else 15), output=args.output, device=args.device,
+                  batches=tuple(int(b) for b in args.batches.split(",")))  # fmt: skip
+    print(show(results))  # a program's output, not the library's logging
+
+
+if __name__ == "__main__":
+    main()

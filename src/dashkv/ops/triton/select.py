@@ -49,7 +49,7 @@ def thresholds_kernel(
         below = tl.sum(tl.where(bins < idx, total, 0), 0)
         tl.store(thr_ptr + i * ROWS + row, lo + idx)
         tl.store(need_ptr + i * ROWS + row, k - below)
-        carry = 0
+        carry = tl.full([], 0, tl.int32)  # a tensor from the start: loop-carried types must not change
         for j in range(n_tiles):  # chunks from the last: ties are taken latest first
             cs = (n_tiles - 1 - j) * CB + chunks
             col = tl.load(hist_ptr + (row * NCH + cs) * NBP + idx, mask=(cs < NCH) & (cs * 0 + idx < NV), other=0)

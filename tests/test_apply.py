@@ -13,7 +13,7 @@ def _ids(n, seed=0, vocab=97):
 
 def test_tiny_qwen2_gqa_generates_under_dashkv(tiny_qwen2):
     enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
-    cfg = DashKVConfig(bits=32, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=())
+    cfg = DashKVConfig(bits=32, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=(), dense_below=0)
     ids = _ids(120)
     cache = DashKVCache(enc)
     with dashkv.enable(tiny_qwen2, enc, cfg) as stats:
@@ -55,7 +55,7 @@ def test_enable_restores_the_model_exactly(tiny_qwen2):
     ids = _ids(40, seed=2)
     with torch.no_grad():
         before = tiny_qwen2(ids).logits
-        with dashkv.enable(tiny_qwen2, enc, DashKVConfig(bits=32, prefill="tiered", dense_layers=())):
+        with dashkv.enable(tiny_qwen2, enc, DashKVConfig(bits=32, prefill="tiered", dense_layers=(), dense_below=0)):
             changed = tiny_qwen2(ids).logits
         after = tiny_qwen2(ids).logits
     assert not torch.allclose(changed, before)  # DASH-KV really ran
@@ -136,3 +136,21 @@ def test_enable_without_encoders_says_how_to_get_them(tiny_qwen2):
         with dashkv.enable(tiny_qwen2):
             pass
     assert tiny_qwen2.config._attn_implementation == "sdpa" and not tiny_qwen2._forward_pre_hooks
+
+
+def test_short_caches_attend_exactly_below_dense_below(tiny_qwen2):
+    """Below ``dense_below`` keys a layer runs exact attention (recorded as dense, output as without
+    DASH-KV); from it on, the same decode goes through the tiers."""
+    enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
+    ids = _ids(60, seed=3)
+    with torch.no_grad():
+        plain = tiny_qwen2.generate(ids, max_new_tokens=6, do_sample=False)
+        short = DashKVConfig(bits=32, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=(), dense_below=64)
+        with dashkv.enable(tiny_qwen2, enc, short) as stats:
+            out = tiny_qwen2.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=DashKVCache(enc))
+    summary = stats.summary()
+    # keys 60..63 attend exactly; from 64 keys on (the last two steps) the tiers run
+    assert torch.equal(out[:, :64], plain[:, :64])
+    assert 0 < summary["mean"]["low"] < 1
+    with pytest.raises(ValueError, match="dense_below"):
+        DashKVConfig(dense_below=-1)

@@ -220,7 +220,7 @@ def _dense_list(env):
 @case("enable(model, 'dir') loads the encoders", WORKS)
 def _enable_path(env):
     path = env.saved()
-    with dashkv.enable(env.model, str(path), dict(dense_layers=(), sinks=2, window=8)) as stats:
+    with dashkv.enable(env.model, str(path), dict(dense_layers=(), sinks=2, window=8, dense_below=0)) as stats:
         env.model.generate(env.ids(100), max_new_tokens=3, do_sample=False)
     assert stats.summary()["mean"]["low"] > 0
 
@@ -232,7 +232,7 @@ def _enable_missing_path(env):
 
 @case("enable(model, enc, config={'high': 0.1}) builds the config", WORKS)
 def _enable_mapping(env):
-    with dashkv.enable(env.model, env.enc(), {"high": 0.1, "dense_layers": (), "window": 8}) as stats:
+    with dashkv.enable(env.model, env.enc(), {"high": 0.1, "dense_layers": (), "window": 8, "dense_below": 0}) as stats:
         env.model.generate(env.ids(100), max_new_tokens=3, do_sample=False)
     assert 0 < stats.summary()["mean"]["high"] < 1
 
@@ -530,7 +530,7 @@ def _mistral_window(env):
 @case("a Mistral without sliding_window runs", WORKS)
 def _mistral_full(env):
     model = env.other(_tiny("mistral", sliding_window=None))
-    with dashkv.enable(model, HashEncoders.random(model, bits=32), DashKVConfig(bits=32, dense_layers=(), window=8)) as stats:
+    with dashkv.enable(model, HashEncoders.random(model, bits=32), DashKVConfig(bits=32, dense_layers=(), window=8, dense_below=0)) as stats:
         model.generate(env.ids(40), max_new_tokens=3, do_sample=False)
     assert stats.summary()
 
@@ -592,7 +592,7 @@ def _two_threads(env):
 def _dynamic_cache(env):
     from transformers import DynamicCache
 
-    with dashkv.enable(env.model, env.enc(), DashKVConfig(bits=32, dense_layers=(), window=8)) as stats:
+    with dashkv.enable(env.model, env.enc(), DashKVConfig(bits=32, dense_layers=(), window=8, dense_below=0)) as stats:
         env.model.generate(env.ids(100), max_new_tokens=3, do_sample=False, past_key_values=DynamicCache())
     assert stats.summary()["mean"]["low"] > 0
 

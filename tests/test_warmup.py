@@ -13,8 +13,7 @@ def test_warmup_leaves_the_decode_kernels_compiled():
     assert report.variants == ["share=head, float32", "share=group, float32", "prefill=tiered, float32"]
     kernels = warmup.decode_kernels()
     assert sorted(kernels) == sorted(warmup.DECODE_KERNELS)  # every listed name is a kernel of ops/cpu
-    for name in ("fused.distance_kernel", "fused.calibrate_kernel", "fused.attend_kernel"):
-        assert kernels[name].signatures, name
+    assert kernels["step.step_kernel"].signatures  # the fused step (it compiles the passes it calls)
     assert all(k.signatures for k in kernels.values())
     assert warmup.cold_kernels() == []  # and on disk: a later process loads them
     assert set(report.compiled).isdisjoint(report.loaded)

@@ -240,8 +240,9 @@ class DashKVRuntime:
         batch, heads, queries, _ = query.shape
         keys = key.shape[-2]
         dense_layer = layer_idx in cfg.dense_layers
-        # exact SDPA unless the weights are needed: the dense prefill, and dense layers without momentum
-        if (keys == queries and cfg.prefill == "dense") or (dense_layer and not cfg.momentum):
+        # exact SDPA unless the weights are needed: the dense prefill, short caches (where it is the
+        # faster of the two) and dense layers without momentum
+        if (keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below or (dense_layer and not cfg.momentum):
             self.stats.record_dense(layer_idx)
             return _sdpa(query, key, value, attention_mask, scaling)
         ops = get_backend(cfg.backend, query.device)
@@ -255,12 +256,18 @@ class DashKVRuntime:
         encoder = self.encoders.layers[layer_idx]
         codes, norms = self._codes(layer_idx, key, encoder)
         outputs, priors = [], []
+        whole = queries <= cfg.chunk_size  # one block (decode): the forward's own mask tensors, whose
+        # kernel rows the backend keeps for the next layers (a slice would be a new tensor each layer)
         for start in range(0, queries, cfg.chunk_size):
             rows = slice(start, min(start + cfg.chunk_size, queries))
-            prior = self.prior[:, rows] if self.prior is not None and self.prior.shape[1] == queries else None
+            prior = self.prior if self.prior is not None and self.prior.shape[1] == queries else None
+            if not whole:
+                prior = prior[:, rows] if prior is not None else None
             result = tiered_step(
-                query[:, :, rows], key, value, codes, norms, encoder, cfg, visible[:, :, rows], scaling, prior, ops,
-                always=always[:, :, rows], want_prior=cfg.momentum, want_weights=cfg.selector == "oracle",
+                query if whole else query[:, :, rows], key, value, codes, norms, encoder, cfg,
+                visible if whole else visible[:, :, rows], scaling, prior, ops,
+                always=always if whole else always[:, :, rows], want_prior=cfg.momentum,
+                want_weights=cfg.selector == "oracle",
             )  # fmt: skip
             if result.counts is not None:
                 self.stats.record_counts(layer_idx, result.counts)

@@ -91,6 +91,10 @@ class DashKVConfig:
         exactly); ``"tiered"``: it goes through the tiers too, in query chunks.
     chunk_size : int
         Query tokens processed at once through the tiers (bounds memory to ``chunk * S``).
+    dense_below : int
+        A layer attends exactly while its cache holds fewer keys than this: on short contexts a hashed
+        step costs more than the dense attention it replaces (the crossover is measured in
+        ``docs/speed.md``). ``0`` runs the tiers at every length (evaluation does, to score the method).
     backend : str
         Kernel backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
     share : str
@@ -118,6 +122,7 @@ class DashKVConfig:
     dense_layers: tuple[int, ...] = field(default=(0,))
     prefill: str = "dense"
     chunk_size: int = 256
+    dense_below: int = 4096
     backend: str = "auto"
     selector: str = "hash"
     share: str = "head"
@@ -159,6 +164,7 @@ class DashKVConfig:
         store("dense_layers", tuple(sorted({int(i) for i in layers})))
         check_choice("prefill", self.prefill, PREFILL_MODES)
         store("chunk_size", check_int("chunk_size", self.chunk_size, 1))
+        store("dense_below", check_int("dense_below", self.dense_below, 0))
         check_choice("share", self.share, SHARING)
         check_choice("selector", self.selector, SELECTORS)
         if self.selector == "oracle" and self.mid > 0:
@@ -170,7 +176,7 @@ class DashKVConfig:
     @classmethod
     def full(cls, **overrides: object) -> "DashKVConfig":
         """A config that puts every key in the high tier: tiered attention equals full attention."""
-        settings = dict(high=1.0, mid=0.0, consensus=False, momentum=False)
+        settings = dict(high=1.0, mid=0.0, consensus=False, momentum=False, dense_below=0)
         settings.update(overrides)
         return cls(**settings)  # type: ignore[arg-type]
 

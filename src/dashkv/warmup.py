@@ -34,14 +34,11 @@ COLD_MESSAGE = "compiling DASH-KV CPU kernels once; run `dashkv warmup` ahead of
 DECODE_KERNELS = (
     "encode.query_codes_kernel",
     "encode.key_codes_kernel",
-    "fused.distance_kernel",
-    "fused.calibrate_kernel",
-    "fused.attend_kernel",
-    "select.thresholds",
+    "step.step_kernel",
+    "step.momentum_rows",
     "attend.attn_tiers_kernel",
     "attend.merge_kernel",
     "attend.scale_probs",
-    "attend.weights_kernel",
     "plumbing.byte_tables",
 )
 """The kernels the decode path calls from Python (modules of :mod:`dashkv.ops.cpu`); kernels they
@@ -188,7 +185,8 @@ def variants() -> dict[str, object]:
     tiers per query head and per GQA group, and the tiered prefill (query blocks of ``chunk_size``)."""
     from dashkv.config import DashKVConfig
 
-    base = DashKVConfig(bits=128, backend="cpu")  # "cpu": fail loudly rather than warm up the reference
+    # "cpu": fail loudly rather than warm up the reference; dense_below=0: the tiny context goes through the tiers
+    base = DashKVConfig(bits=128, backend="cpu", dense_below=0)
     return {
         "share=head": dataclasses.replace(base, share="head"),
         "share=group": dataclasses.replace(base, share="group"),

@@ -12,7 +12,8 @@ from dashkv.config import DashKVConfig
 def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
     encoders = HashEncoders.random(tiny_qwen2, bits=64, seed=0)
     contexts = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (40, 200)]
-    cases = generate.compare(tiny_qwen2, encoders, contexts, new_tokens=4, warmup_tokens=32)
+    tiered = DashKVConfig(bits=64, dense_below=0)  # the tiers at these tiny lengths too
+    cases = generate.compare(tiny_qwen2, encoders, contexts, new_tokens=4, warmup_tokens=32, config=tiered)
     assert tiny_qwen2.config._attn_implementation == "sdpa"  # timing and DASH-KV both detached
     assert [c["length"] for c in cases] == [40, 200]
     config = DashKVConfig(bits=64)

@@ -22,7 +22,8 @@ def _separate_runs(model, ids, encoders, config):
 @torch.no_grad()
 def test_shared_prefill_gives_the_kl_of_separate_runs(tiny_qwen2):
     ids = torch.randint(97, (1, 400), generator=torch.Generator().manual_seed(0))
-    config = DashKVConfig(bits=32, high=0.05, mid=0.1, sinks=2, window=8, dense_layers=(0,), momentum=False)
+    config = DashKVConfig(bits=32, high=0.05, mid=0.1, sinks=2, window=8, dense_layers=(0,), momentum=False,
+                          dense_below=0)
     sets = {"a": HashEncoders.random(tiny_qwen2, bits=32, seed=0), "b": HashEncoders.random(tiny_qwen2, bits=32, seed=1)}
     shared = next_token_kl(tiny_qwen2, ids, sets, config, tail=TAIL)
     assert set(shared) == {"a", "b"}

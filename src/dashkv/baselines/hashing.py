@@ -54,6 +54,7 @@ def tiered(name: str, encoders: HashEncoders, budget: Budget, mid: float = 0.0, 
     """A tiered method at ``budget``: high = ``budget.share``, mid as given, calibration off unless set."""
     settings.setdefault("consensus", False)
     settings.setdefault("momentum", False)
+    settings.setdefault("dense_below", 0)  # score the method at every length, not the dense fallback
     config = DashKVConfig(bits=encoders.bits, high=budget.share, mid=mid, sinks=budget.sinks,
                           window=budget.window, **settings)
     return TieredMethod(name=name, budget=budget.share, encoders=encoders, config=config)

@@ -306,10 +306,11 @@ def _leading_equal(a: list[int], b: list[int]) -> int:
 
 
 def compare(
-    model, encoders, contexts: list[torch.Tensor], new_tokens: int, progress=None, warmup_tokens: int = 256
+    model, encoders, contexts: list[torch.Tensor], new_tokens: int, progress=None, warmup_tokens: int = 256,
+    config=None,
 ) -> list[dict]:
-    """Every row of :data:`ROWS` on each ``[1, n]`` context in turn (DASH-KV rows: default config with
-    ``bits`` of ``encoders``, ``share`` set per row).
+    """Every row of :data:`ROWS` on each ``[1, n]`` context in turn (DASH-KV rows: ``config``, by default
+    the default config with ``bits`` of ``encoders``, ``share`` set per row).
 
     ``warmup_tokens`` > 0: first each row runs once, unrecorded, on that many tokens of the first
     context (thread pools, allocator, numba kernels loaded).
@@ -320,7 +321,7 @@ def compare(
     from dashkv.baselines.budget import Budget
     from dashkv.cache import DashKVCache
 
-    config = dashkv.DashKVConfig(bits=encoders.bits)
+    config = config if config is not None else dashkv.DashKVConfig(bits=encoders.bits)
     budget = Budget(config.high + config.mid, config.sinks, config.window)
     with_snapkv = _kvpress_available()
 
@@ -462,5 +463,7 @@ def table(results: dict) -> str:
             )
     busy = results.get("busy", {}).get("processes", 0)
     load = f"; {busy} CPU-bound competitor processes running" if busy else ""
-    lines.append(f"\nencoders: {results['encoders']}; {results['new_tokens']} new tokens per case{load}")
+    below = results.get("config", {}).get("dense_below", 0)
+    exact = f"; DASH-KV attends exactly below {below} keys (dense_below)" if below else ""
+    lines.append(f"\nencoders: {results['encoders']}; {results['new_tokens']} new tokens per case{load}{exact}")
     return "\n".join(lines)

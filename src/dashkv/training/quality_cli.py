@@ -23,7 +23,7 @@ def held_out_report(model, tokenizer, encoders: HashEncoders, cfg, echo=print) -
     """Recall, output error and next-token KL on held-out text at 2K and 8K tokens."""
     random = HashEncoders.random(model, bits=encoders.bits, seed=cfg.seed + 1).to(model.device)
     config = DashKVConfig(bits=encoders.bits, high=cfg.high, mid=cfg.mid, sinks=cfg.sinks, window=cfg.window,
-                          dense_layers=cfg.dense_layers, momentum=False)
+                          dense_layers=cfg.dense_layers, momentum=False, dense_below=0)
     text = corpus.text("eval")
     results = {}
     for length, stride, min_position in LENGTHS:

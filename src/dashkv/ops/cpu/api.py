@@ -10,7 +10,8 @@ import torch
 from dashkv.ops.cpu import fused, plumbing as pl
 from typing import NamedTuple
 
-from dashkv.ops.cpu.attend import attn_tiers_kernel, scale_probs, weights_kernel
+from dashkv.ops.cpu.attend import attn_tiers_kernel, scale_probs
+from dashkv.ops.cpu.step import momentum_rows, step_kernel
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
 from dashkv.ops.reference import (
     MidTierInputs,
@@ -311,7 +312,9 @@ class PriorUpdate(NamedTuple):
 
 
 def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, mid, step: FusedStep,
-           return_probs, return_tiers, prior: PriorUpdate | None) -> StepOutputs:  # fmt: skip
+           return_probs, return_tiers, prior: PriorUpdate | None, center=None) -> StepOutputs:  # fmt: skip
+    # center: the key centres [Hkv, D] float32 when mid's query_norm / query_dot_center are None (the
+    # compiled step computes them)
     pl.check_cpu(query, key, value, query_codes, key_codes)
     nbatch, heads, tokens, dim = query.shape
     kheads, seq = key.shape[1], key.shape[2]
@@ -333,8 +336,7 @@ def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, 
         raise ValueError(
             f"discounts must be <= 0, got spatial_step={step.spatial_step}, temporal_step={step.temporal_step}"
         )
-    scale = heads // kheads if group else 1
-    hi = (64 * words if step.bits is None else int(step.bits)) * scale
+    top = 64 * words if step.bits is None else int(step.bits)
     qc = pl.codes_array(query_codes)
     knorm = pl.f32_keys(mid.key_norm, tuple(key.shape[:3])) if mid is not None else None
     per_key = (pl.check_codes(key_codes),) + ((knorm,) if knorm is not None else ())
@@ -342,87 +344,59 @@ def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, 
     q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
     sel_heads = kheads if group else heads
     code, cdims, visible_total = _mask_rows(visible, always, (nbatch, sel_heads, tokens, seq), heads, group)
-    rows = nbatch * heads * tokens
-    srows = nbatch * sel_heads * tokens
-    nch = -(-seq // CHUNK)
-    nb = hi + 1  # raw distances 0..hi
-    dist = pl.scratch("dist", (srows, seq), pl.dist_dtype(hi))
-    hist = pl.scratch("hist", (srows, nch, nb + 4), np.int32)
-    fused.distance_kernel(qc, kc, kheads, seq, stride, code, cdims, nb, dist, hist, CHUNK, group)
-    if isinstance(step.k_high, float):  # fractions, as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
-        eligible = hist[:, :, : nb + 3].sum(axis=(1, 2), dtype=np.int64)
-        kh = pl.budget_counts_np(eligible, step.k_high)
-        km = pl.budget_counts_np(eligible, step.k_high + step.k_mid) - kh
+    fractions = isinstance(step.k_high, float)
+    if fractions:
+        kh = km = _NO_ROWS
     else:
         kh, km = pl.rows_of(step.k_high, shape), pl.rows_of(step.k_mid, shape)
         if group:  # per selection row: the counts of each group's first head
             kh = kh.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
             km = km.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
-    votes_on = step.min_votes > 0 and step.spatial_step != 0
-    time_on = step.temporal is not None and step.temporal_step != 0
-    lo = ((step.spatial_step if votes_on else 0) + (step.temporal_step if time_on else 0)) * scale
-    off = np.zeros((1, 1), np.int8)
-    if votes_on or time_on:
-        thr, need, tie_base = thresholds(hist, kh, 0, nb)
-        tmask = step.temporal if time_on else np.zeros((1, 1), np.uint8)
-        nb = hi - lo + 1
-        off = pl.scratch("off", (nbatch * tokens, seq), np.int16 if group else np.int8)
-        raw_hist, hist = hist, pl.scratch("hist_cal", (srows, nch, nb + 4), np.int32)
-        fused.calibrate_kernel(
-            dist, code, cdims, sel_heads, tokens, thr, need, tie_base, int(step.min_votes) if votes_on else 0,
-            int(step.spatial_step) * scale, tmask, time_on, int(step.temporal_step) * scale, off, lo, nb,
-            raw_hist, hist, CHUNK,
-        )  # fmt: skip
-    th_h, nd_h, tb_h = thresholds(hist, kh, lo, nb)
-    th_m, nd_m, tb_m = thresholds(hist, kh + km, lo, nb)
+    scale = heads // kheads if group else 1
+    dist = pl.scratch("dist", (nbatch * sel_heads * tokens, seq), pl.dist_dtype(top * scale))
+    calibrating = step.spatial_step != 0 or step.temporal is not None
+    off_dtype = np.int16 if group else np.int8
+    off = pl.scratch("off", (nbatch * tokens, seq), off_dtype) if calibrating else np.zeros((1, 1), off_dtype)
     margs = pl.mid_arrays(mid, (nbatch, heads, tokens), rest[0] if rest else None, words)
-    parts = pl.new_parts(rows, seq, dim, CHUNK)
-    nmid_part = np.empty((rows, nch), np.int64)
-    want_probs = return_probs or prior is not None
-    want_tiers = return_tiers or want_probs  # normalising probs needs each key's tier
-    probs = np.empty((rows, seq) if want_probs else (1, 1), np.float32)
-    tiers = np.empty((srows, seq) if want_tiers else (1, 1), np.int8)
-    fused.attend_kernel(
-        q, qc, kc, dist, off, votes_on or time_on, keys, vals, half, kheads, seq, stride, code, cdims,
-        np.float32(scaling), th_h, nd_h, tb_h, th_m, nd_m, tb_m, group, *margs,
-        *parts, nmid_part, probs, want_probs, tiers, want_tiers, CHUNK,
+    out = np.empty((nbatch * heads * tokens, dim), np.float32)
+    want_prior = prior is not None
+    has_prior = want_prior and prior.prior is not None
+    counts, prior_np, probs, tiers = step_kernel(
+        q, qc, kc, keys, vals, half, kheads, seq, stride, code, cdims, visible_total,
+        fractions, float(step.k_high) if fractions else 0.0, float(step.k_mid) if fractions else 0.0, kh, km,
+        top, group, np.float32(scaling), int(step.min_votes), int(step.spatial_step),
+        step.temporal if step.temporal is not None else _NO_MASK, step.temporal is not None, int(step.temporal_step), off,
+        margs[0], margs[2], _NO_CENTER if center is None else center, margs[1], margs[3], *margs[4:],
+        prior.prior if has_prior else _NO_PRIOR, has_prior, prior.decay if want_prior else 0.0, want_prior,
+        return_probs, return_tiers, dist, out, CHUNK,
     )  # fmt: skip
-    output, factor = pl.merge_parts(parts, margs[0], (nbatch, heads, tokens, dim), query.dtype)
-    prior_t = None
-    if want_probs:
-        prior_np = np.empty((nbatch * tokens, seq), np.float32)
-        has_prior = prior is not None and prior.prior is not None
-        weights_kernel(
-            probs, tiers, factor, heads, kheads, tokens, group, CHUNK, return_probs,
-            prior.prior if has_prior else prior_np, has_prior, np.float32(prior.decay if prior else 0.0), prior_np,
-        )  # fmt: skip
-        prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior is not None else None
-    high = int(parts[4].sum())
-    middle = int(nmid_part.sum())
-    counts = torch.tensor([high, middle, visible_total - high - middle], dtype=torch.int64)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
+    output = output if query.dtype == torch.float32 else output.to(query.dtype)
+    prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if want_prior else None
     probs_t = torch.from_numpy(probs).view(shape) if return_probs else None
     tiers_t = None
     if return_tiers:
         tiers_t = torch.from_numpy(tiers).view(nbatch, sel_heads, tokens, seq)
         tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
-    return StepOutputs(output, counts, prior_t, probs_t, tiers_t)
+    return StepOutputs(output, torch.from_numpy(counts), prior_t, probs_t, tiers_t)
+
+
+_NO_ROWS = np.zeros(1, np.int64)
+_NO_MASK = np.zeros((1, 1), np.uint8)
+_NO_CENTER = np.zeros((1, 1), np.float32)
+_NO_PRIOR = np.zeros((1, 1), np.float32)
 
 
 def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
     """The whole DASH-KV step of one layer in one fused call (see :func:`dashkv.ops.reference.decode_step`)."""
     q = inputs.query
-    nbatch, heads, tokens, _ = q.shape
+    nbatch, _, tokens, _ = q.shape
     seq = inputs.key.shape[2]
-    mid_inputs = None
-    if mid is not None and settings.mid > 0:  # |q| and q . mu (mu: the key centre of q's KV head)
-        q32 = pl.as_numpy(q.detach().to(torch.float32))
-        kheads = inputs.key.shape[1]
-        center = pl.as_numpy(mid.key_center.detach().to(torch.float32)).reshape(1, kheads, 1, 1, -1)
-        grouped = q32.reshape(nbatch, kheads, heads // kheads, tokens, -1)
-        qdc = torch.from_numpy(np.einsum("bkgtd,xkyzd->bkgt", grouped, center).reshape(nbatch, heads, tokens))
-        qnorm = torch.from_numpy(np.sqrt(np.einsum("bhtd,bhtd->bht", q32, q32)))
+    mid_inputs = center = None
+    if mid is not None and settings.mid > 0:  # |q| and q . mu are computed in the compiled step
+        center = pl.as_numpy(mid.key_center.detach().to(torch.float32)).reshape(inputs.key.shape[1], -1)
         mid_inputs = MidTierInputs(
-            None, None, None, settings.bits, qnorm, inputs.key_norms, qdc, mid.temperature, mid.bias, mid.residual
+            None, None, None, settings.bits, None, inputs.key_norms, None, mid.temperature, mid.bias, mid.residual
         )
     prior = None
     if inputs.prior is not None:
@@ -430,10 +404,10 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     tmask = None
     if prior is not None and settings.temporal_step != 0:  # momentum: dashkv.calibration.momentum_mask
         vis, count = _visible_rows(inputs.visible, (nbatch, tokens, seq))
-        tmask = ((prior * count >= settings.momentum_ratio) & vis).view(np.uint8)
+        tmask = momentum_rows(prior, vis, count, settings.momentum_ratio)
     step = FusedStep(float(settings.high), float(settings.mid), settings.bits, settings.min_votes,
                      settings.spatial_step, tmask, settings.temporal_step, settings.share)  # fmt: skip
     update = PriorUpdate(prior, settings.momentum_decay) if settings.want_prior else None
     return _fused(q, inputs.key, inputs.value, inputs.query_codes, inputs.key_codes, settings.scaling,
                   inputs.visible, inputs.always, mid_inputs, step, settings.want_weights, settings.want_weights,
-                  update)  # fmt: skip
+                  update, center)  # fmt: skip

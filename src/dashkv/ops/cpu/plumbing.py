@@ -186,6 +186,9 @@ def _f32(t, shape: tuple[int, ...]) -> np.ndarray:
     return as_numpy(t).reshape(-1)
 
 
+_EMPTY = np.zeros(0, np.float32)
+
+
 def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], knorm: np.ndarray | None, words: int):
     """Per-head tables and flat views of the mid-tier inputs (dummies when ``mid`` is None).
 
@@ -200,11 +203,12 @@ def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], knorm: n
     if bits < 1 or bits > 64 * words or words > 2:
         raise ValueError(f"mid tier needs 1..{64 * words} bits in at most 2 words, got bits={bits}")
     tab, sumphi = residual_tables(mid.residual, heads, bits)
+    unset = mid.query_norm is None  # the compiled step computes |q| and q . mu
     return (
         True,
-        _f32(mid.query_norm, query_shape),
+        _EMPTY if unset else _f32(mid.query_norm, query_shape),
         knorm,
-        _f32(mid.query_dot_center, query_shape),
+        _EMPTY if unset else _f32(mid.query_dot_center, query_shape),
         _f32(mid.temperature, (heads,)),
         _f32(mid.bias, (heads,)),
         tab,

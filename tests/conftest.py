@@ -3,8 +3,16 @@ the embedded default model (converted once, then cached)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The Triton backend's tests (tests/ops/test_triton_*.py) run through Triton's interpreter where there is
+# no GPU. It must be on before triton is first imported (transformers and kvpress import it, and
+# triton's own library functions are defined then), so here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 tiered attention and key codes within float rounding.
 
 On a GPU the kernels run compiled on CUDA tensors (``pytest -m cuda``); without one, through Triton's
-interpreter on CPU tensors (``tests/ops/conftest.py`` switches it on), in the default test run. The
+interpreter on CPU tensors (``tests/conftest.py`` switches it on), in the default test run. The
 interpreter is slow: cases are few and small, chosen to cover awkward lengths, GQA ratios, 1 and 2
 code words, batch 2 and several chunks.
 """

@@ -78,25 +78,39 @@ def _attention_outputs(model, run) -> dict[int, list[torch.Tensor]]:
     return outputs
 
 
+def _teacher_forced(model, ids: torch.Tensor, prompt: int, cache) -> None:
+    """A prefill of ``ids[:, :prompt]``, then the remaining tokens one decode step each (the same
+    inputs whatever the attention predicts)."""
+    model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+    for t in range(prompt, ids.shape[1]):
+        model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+
+
 def test_sliding_layers_run_exactly_as_transformers_runs_them(gemma, encoders):
     """Bit for bit: the sliding layers before the first full one see the same inputs with and without
-    DASH-KV, so their outputs (prefill and every decode step) must be identical; the cache gives them
-    transformers' own sliding layers, holding the window only."""
-    ids = _ids(50)
+    DASH-KV, so their outputs (prefill and every decode step) must be identical while the full layers
+    run real tiers; the cache gives them transformers' own sliding layers, holding the window only."""
+    ids, prompt = _ids(62), 50
     with torch.no_grad():
-        stock = _attention_outputs(gemma, lambda: gemma.generate(ids, **NEW))
+        plain = DynamicCache(config=gemma.config)  # what the model makes for itself
+        stock = _attention_outputs(gemma, lambda: _teacher_forced(gemma, ids, prompt, plain))
         cache = DashKVCache(encoders, (), config=gemma.config)
-        with dashkv.enable(gemma, encoders, DashKVConfig(dense_layers=())):
-            ours = _attention_outputs(gemma, lambda: gemma.generate(ids, past_key_values=cache, **NEW))
+        # a 5 % high tier on the full layers, even at this tiny length (full() leaves nothing dense)
+        tiered = DashKVConfig.full(high=0.05, mid=0.15, sinks=2, window=8, dense_layers=())
+        with dashkv.enable(gemma, encoders, tiered) as stats:
+            ours = _attention_outputs(gemma, lambda: _teacher_forced(gemma, ids, prompt, cache))
+    summary = stats.summary()
+    assert sorted(k for k in summary if k != "mean") == FULL and summary["mean"]["high"] < 1.0
     for layer in range(FULL[0]):
-        assert len(ours[layer]) == len(stock[layer]) == NEW["max_new_tokens"]
+        assert len(ours[layer]) == len(stock[layer]) == 1 + ids.shape[1] - prompt
         assert all(torch.equal(a, b) for a, b in zip(ours[layer], stock[layer]))
+    assert not torch.equal(ours[FULL[0]][-1], stock[FULL[0]][-1])  # the full layer did run tiered
     for i, layer in enumerate(cache.layers):
         if i in SLIDING:
             assert type(layer) is DynamicSlidingWindowLayer and layer.keys.shape[-2] == WINDOW - 1
         else:
             assert type(layer) is DashKVLayer and layer.codes is not None
-            assert layer.keys.shape[-2] == ids.shape[1] + NEW["max_new_tokens"] - 1
+            assert layer.keys.shape[-2] == ids.shape[1]
 
 
 def test_a_cache_prefilled_outside_the_block_is_upgraded_on_its_full_layers_only(gemma, encoders):

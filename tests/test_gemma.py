@@ -196,3 +196,18 @@ def test_the_embedded_gemma_loads_predicts_prose_and_keeps_the_anchor():
         with dashkv.enable(model, encoders, DashKVConfig.full(dense_layers=())):
             hashed = model.generate(prompt, **NEW)
     assert torch.equal(hashed, full)
+
+
+def test_a_cache_made_without_the_config_gets_sliding_layers_on_first_use(gemma, encoders):
+    """`DashKVCache(encoders, dense)` as eval and bench code builds it: its still-empty layers at
+    sliding indices become transformers' sliding layers, and generate equals full attention."""
+    ids = _ids(40, seed=7)
+    cache = DashKVCache(encoders, ())
+    with torch.no_grad():
+        full = gemma.generate(ids, **NEW)
+        with dashkv.enable(gemma, encoders, DashKVConfig.full(dense_layers=())):
+            hashed = gemma.generate(ids, past_key_values=cache, **NEW)
+    assert torch.equal(hashed, full)
+    assert [type(layer) for layer in cache.layers] == [
+        DynamicSlidingWindowLayer if i in SLIDING else DashKVLayer for i in range(len(LAYER_TYPES))
+    ]

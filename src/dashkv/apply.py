@@ -93,7 +93,7 @@ def _input_length(args: tuple, kwargs: dict) -> int:
 def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, model: nn.Module,
                 beyond_positions: bool):  # fmt: skip
     dense = config.dense_layers
-    sliding = frozenset(sliding_windows(model.config))  # left to transformers, cache layers included
+    sliding = sliding_windows(model.config)  # {layer: window}: left to transformers, cache layers included
     limit = getattr(_text_config(model), "max_position_embeddings", None)
     threads = threading.local()  # the runtime of each thread generating inside this block
     warned = set()
@@ -126,7 +126,7 @@ def _cache_hook(encoders: HashEncoders, config: DashKVConfig, stats: TierStats, 
                                  "prompt or max_new_tokens, or pass allow_beyond_positions=True to dashkv.enable")  # fmt: skip
         runtime = getattr(threads, "runtime", None)
         if runtime is None:
-            runtime = threads.runtime = DashKVRuntime(encoders, config, stats, sliding=sliding)
+            runtime = threads.runtime = DashKVRuntime(encoders, config, stats, sliding=frozenset(sliding))
         runtime.begin_forward(cache)
         kwargs[RUNTIME_KWARG] = runtime
         return args, kwargs

@@ -6,7 +6,7 @@ and follow the keys through crop, beam reorder and batch selection. Nothing is e
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -199,11 +199,13 @@ class DashKVCache(DynamicCache):
 
 
 def upgrade_cache(
-    cache: Cache, encoders: HashEncoders, dense_layers: tuple[int, ...], sliding: Collection[int] = ()
+    cache: Cache, encoders: HashEncoders, dense_layers: tuple[int, ...], sliding: Mapping[int, int] | None = None
 ) -> Cache:
     """Turn the layers of a plain dynamic cache into :class:`DashKVLayer` in place (encoding held keys).
 
-    Layers in ``sliding`` (the model's sliding-window layers) are left as they are: transformers runs them.
+    ``sliding`` (``{layer: window}``, :func:`dashkv.models.sliding_windows`): the model's sliding-window
+    layers, left as they are (transformers runs them); an empty :class:`DashKVLayer` there (a
+    ``DashKVCache`` made without ``config=``) becomes transformers' ``DynamicSlidingWindowLayer``.
 
     Raises
     ------
@@ -215,6 +217,7 @@ def upgrade_cache(
             f"past_key_values of type {type(cache).__name__} cannot run DASH-KV; pass a DynamicCache or a "
             "dashkv.DashKVCache (or none, and one is created)"
         )
+    sliding = sliding or {}
     per_layer = _layer_encoders(encoders, dense_layers)
     if cache.layer_class_to_replicate is not None and not cache.layers:
         # sliding layers: what the cache would have made itself
@@ -224,6 +227,8 @@ def upgrade_cache(
         return cache
     for i, layer in enumerate(cache.layers):
         if i in sliding:
+            if isinstance(layer, DashKVLayer) and not layer.is_initialized:
+                cache.layers[i] = DynamicSlidingWindowLayer(sliding[i])
             continue
         encoder = per_layer[i] if i < len(per_layer) else None
         if isinstance(layer, DashKVLayer):

@@ -225,8 +225,8 @@ def enable(
 
     Parameters
     ----------
-    model : a transformers causal LM (Llama, Qwen2, Qwen3, Mistral families), full-attention layers, not
-        compiled
+    model : a transformers causal LM (Llama, Qwen2, Qwen3, Mistral, Gemma-3 families), not compiled;
+        DASH-KV runs on its full-attention layers, sliding-window layers run as transformers runs them
     encoders : HashEncoders, path or None
         A directory saved by ``HashEncoders.save_pretrained`` is loaded; ``None`` takes the encoders
         shipped for this model, if any. Encoders in float16/bfloat16 run as a float32 copy.

@@ -146,3 +146,12 @@ def test_train_writes_encoders_and_held_out_metrics(tmp_path, device, word_level
 def test_train_refuses_a_device_that_is_not_there(name):
     result = runner.invoke(app, ["train", "--device", name])
     assert result.exit_code != 0 and "--device" in result.output and "auto" in result.output
+
+
+_WITHOUT_GPU = [] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]
+
+
+@pytest.mark.parametrize("args, word", [(["--device", "tpu"], "--device"), (["--batches", "0"], "--batches")] + _WITHOUT_GPU)
+def test_bench_attention_rejects_bad_device_options_in_one_line(args, word):
+    result = runner.invoke(app, ["bench", "attention", "--sizes", "64", "--shapes", "smollm2"] + args)
+    assert result.exit_code == 2 and word in result.output and "Traceback" not in result.output

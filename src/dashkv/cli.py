@@ -376,6 +376,8 @@ def bench_attention(
     repeats: int = typer.Option(15),
     threads: int = typer.Option(2),
     bits: int = typer.Option(DashKVConfig.bits, help="Code length (the default config's: what ships)."),
+    device: str = typer.Option("cpu", help="'cpu' (numba, fp32) or 'cuda' (Triton, bf16; needs a GPU and triton)."),
+    batches: str = typer.Option("1,8", help="Comma-separated batch sizes (cuda only)."),
 ) -> None:
     """Decode-step attention latency: dense SDPA vs DASH-KV at growing cache lengths."""
     from tqdm import tqdm
@@ -395,8 +397,28 @@ def bench_attention(
     _positive("--repeats", repeats)
     _positive("--threads", threads)
     _check_config(bits=bits)
+    if device not in ("cpu", "cuda"):
+        _user_error(f"--device {device!r} is not supported; choose 'cpu' or 'cuda'")
+    try:
+        batch_sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        batch_sizes = ()
+    if not batch_sizes or min(batch_sizes) < 1:
+        _user_error(f"--batches {batches!r} is not allowed; give comma-separated batch sizes >= 1, e.g. 1,8")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _user_error("--device cuda: no CUDA device is visible to torch")
     results = attention.run(lengths, chosen, repeats=repeats, threads=threads, bits=bits, output=output,
-                            progress=lambda xs: tqdm(xs, desc="cases"))  # fmt: skip
+                            progress=lambda xs: tqdm(xs, desc="cases"), device=device,
+                            batches=batch_sizes if device == "cuda" else None)  # fmt: skip
+    if device == "cuda":
+        from dashkv.bench import attention_gpu
+
+        typer.echo(attention_gpu.table_gpu(results))
+        typer.echo(f"\nwrote {output / 'attention_gpu.json'} and {output / 'attention_gpu.png'}")
+        return
     typer.echo(attention.table(results))
     typer.echo(f"\nwrote {output / 'attention.json'} and {output / 'attention.png'}")
 

@@ -175,8 +175,7 @@ def _checked_encoders(encoders: HashEncoders) -> HashEncoders:
 
 def _validate(model: nn.Module, encoders: HashEncoders, config: DashKVConfig) -> None:
     encoders.check_compatible(model)
-    if encoders.bits != config.bits:
-        raise ValueError(f"config.bits={config.bits} but the encoders produce {encoders.bits}-bit codes; make them equal")
+    config.check_code_length(encoders.bits)
     layers = encoders.shape["num_layers"]
     bad = [i for i in config.dense_layers if i >= layers]
     if bad:

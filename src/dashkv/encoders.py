@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dashkv.codes import pack_bits, sign_bits
-from dashkv.config import SUPPORTED_BITS
+from dashkv.config import DEFAULT_BITS, SUPPORTED_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class HashEncoders(nn.Module):
         :func:`model_fingerprint` of the model the encoders were made for.
     """
 
-    def __init__(self, shape: dict, bits: int = 64, hidden: int = 256, fingerprint: str | None = None):
+    def __init__(self, shape: dict, bits: int = DEFAULT_BITS, hidden: int = 256, fingerprint: str | None = None):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported; bits must be one of {SUPPORTED_BITS}")
@@ -147,7 +147,7 @@ class HashEncoders(nn.Module):
         )
 
     @classmethod
-    def random(cls, model: nn.Module, bits: int = 64, seed: int = 0, hidden: int = 256) -> "HashEncoders":
+    def random(cls, model: nn.Module, bits: int = DEFAULT_BITS, seed: int = 0, hidden: int = 256) -> "HashEncoders":
         """Random-projection (SimHash) encoders: the untrained baseline.
 
         Queries and keys share one Gaussian projection per KV head, so the Hamming distance estimates

@@ -183,10 +183,10 @@ def tiny_model(num_layers: int = 3, vocab_size: int = 128, dtype: torch.dtype = 
 def variants() -> dict[str, object]:
     """The config variants :func:`warmup` runs: the defaults (consensus and cross-layer momentum on) with
     tiers per query head and per GQA group, and the tiered prefill (query blocks of ``chunk_size``)."""
-    from dashkv.config import DashKVConfig
+    from dashkv.config import DEFAULT_BITS, DashKVConfig
 
     # "cpu": fail loudly rather than warm up the reference; dense_below=0: the tiny context goes through the tiers
-    base = DashKVConfig(bits=128, backend="cpu", dense_below=0)
+    base = DashKVConfig(bits=DEFAULT_BITS, backend="cpu", dense_below=0)
     return {
         "share=head": dataclasses.replace(base, share="head"),
         "share=group": dataclasses.replace(base, share="group"),
@@ -247,7 +247,7 @@ def warmup(dtypes: tuple[torch.dtype, ...] = (torch.float32,), context: int = 30
     report = WarmupReport(0.0)
     for dtype in dtypes:
         model = tiny_model(dtype=dtype)
-        encoders = HashEncoders.random(model, bits=128, seed=0)
+        encoders = HashEncoders.random(model, seed=0)  # the default code length, as the config above
         for name, config in variants().items():
             _run_path(model, encoders, config, context, question=7, new_tokens=3)
             report.variants.append(f"{name}, {str(dtype).removeprefix('torch.')}")

@@ -1,4 +1,5 @@
-"""Binary codes: the sign function, its annealed tanh relaxation for training, and bit packing.
+"""Binary codes: the sign function, the slope schedule of its ``tanh(beta v)`` relaxation in training, and
+bit packing.
 
 Codes are stored packed, 64 bits to an ``int64`` word, least significant bit first. ``R`` bits take
 ``ceil(R / 64)`` words; unused high bits of the last word are zero so XOR + popcount stays exact.
@@ -28,11 +29,6 @@ def sign_bits(values: torch.Tensor) -> torch.Tensor:
     Tensor[..., R], bool
     """
     return values >= 0
-
-
-def annealed_tanh(values: torch.Tensor, beta: float) -> torch.Tensor:
-    """Differentiable stand-in for ``sign``: ``tanh(beta * v)``; beta is annealed 1 -> 10 in training."""
-    return torch.tanh(beta * values)
 
 
 def beta_schedule(step: int, total_steps: int, start: float = 1.0, end: float = 10.0) -> float:

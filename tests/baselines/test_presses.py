@@ -5,7 +5,8 @@ from transformers import DynamicCache
 
 from dashkv.baselines import Budget
 from dashkv.baselines.presses import press_method, recorder_for
-from dashkv.eval.protocol import block_logits, prefill
+from dashkv.eval.protocol import block_logits
+from dashkv.prefilled import prefill
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import dashkv
 from dashkv.cache import DashKVCache
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
-from dashkv.eval.protocol import Prefill
+from dashkv.prefilled import Prefill
 from dashkv.baselines.budget import Budget
 from dashkv.baselines.method import Method
 

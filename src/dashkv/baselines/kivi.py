@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from dashkv.baselines.method import LayersCache, Method
-from dashkv.eval.protocol import Prefill
+from dashkv.prefilled import Prefill
 
 
 def fake_quantize(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

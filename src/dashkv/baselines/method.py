@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dashkv.eval.protocol import Prefill
+from dashkv.prefilled import Prefill
 
 
 class LayersCache(DynamicCache):

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from dashkv.baselines.budget import Budget
 from dashkv.baselines.method import LayersCache, Method, copy_layers, gather_keys
-from dashkv.eval.protocol import Prefill
+from dashkv.prefilled import Prefill
 
 # press name -> (kvpress scorer, needs the prefill's attention weights)
 SCORERS: dict[str, tuple[type[ScorerPress], bool]] = {
@@ -83,7 +83,7 @@ class ScoreRecorder(BasePress):
 
 def recorder_for(model, names: tuple[str, ...]):
     """A callable ``sink -> context manager`` that records the scores of ``names`` during a prefill
-    (for :func:`dashkv.eval.protocol.prefill`)."""
+    (for :func:`dashkv.prefilled.prefill`)."""
     def enter(sink: dict):
         return ScoreRecorder({n: SCORERS[n][0]() for n in names}, sink)(model)
 

@@ -26,7 +26,7 @@ from dashkv.baselines.hashing import TieredMethod
 from dashkv.baselines.method import Method
 from dashkv.eval.protocol import block_logits
 from dashkv.eval.store import ResultStore
-from dashkv.eval.suite import SuiteSpec, _prefill_for
+from dashkv.eval.suite import SuiteSpec, prefill_for
 from dashkv.training.collect import token_windows
 from dashkv.training.quality import recall_at
 
@@ -85,7 +85,7 @@ def run_fidelity(model, tokenizer, spec: SuiteSpec, methods: list[Method], store
             continue
         ids = documents(tokenizer, length, spec.fidelity_docs)[doc]
         context, block = ids[:, : -spec.fidelity_tail], ids[:, -spec.fidelity_tail :]
-        pre = _prefill_for(model, context, todo)
+        pre = prefill_for(model, context, todo)
         recorder = _QueryKeyRecorder()
         full = _full_logits(model, pre, block, recorder).log_softmax(-1)
         targets = block[0, 1:]

@@ -14,9 +14,10 @@ import torch
 
 from dashkv.baselines.method import Method
 from dashkv.baselines.presses import recorder_for
-from dashkv.eval.protocol import make_block, prefill, run_block, score_block
+from dashkv.eval.protocol import make_block, run_block, score_block
 from dashkv.eval.store import ResultStore
 from dashkv.eval.tasks import TASKS
+from dashkv.prefilled import prefill
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ SUITES = {
 }
 
 
-def _prefill_for(model, ids: torch.Tensor, methods: list[Method]):
+def prefill_for(model, ids: torch.Tensor, methods: list[Method]):
+    """One dense prefill of ``ids`` [1, L] that serves every method of ``methods``: it records the
+    key scores of each kvpress press among them."""
     presses = tuple(sorted({p for m in methods for p in m.presses}))
     return prefill(model, ids, recorder=recorder_for(model, presses) if presses else None)
 
@@ -77,7 +80,7 @@ def run_retrieval(model, tokenizer, spec: SuiteSpec, methods: list[Method], stor
         sample = TASKS[task](tokenizer, length, seed)
         ids = tokenizer(sample.context, return_tensors="pt").input_ids
         start, cpu = time.perf_counter(), time.process_time()
-        pre = _prefill_for(model, ids, todo)
+        pre = prefill_for(model, ids, todo)
         prefill_seconds, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
         block = make_block(tokenizer, sample)
         for method in todo:

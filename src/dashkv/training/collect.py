@@ -93,19 +93,16 @@ def collect(
     max_position : int or None -- when given, each sequence is placed at a random offset so that its
         positions fall anywhere in ``[0, max_position)``. RoPE attention depends only on relative
         positions, so the teacher's attention is unchanged, but the post-RoPE vectors the encoders
-        see cover every rotation a long context produces. Measured on SmolLM2: encoders trained on
-        2K windows at their natural positions ranked keys at 8K worse than random projections
-        (high-tier recall 0.25 vs 0.53).
+        see cover every rotation a long context produces (without it, encoders trained on short
+        windows ranked long-context keys worse than random projection: ``docs/method.md``).
     natural_share : float -- with ``max_position``, the share of sequences (drawn at random) left at
         their natural positions: every real context starts at position 0, so low positions are the
-        ones queries meet most. Measured on SmolLM2 (layers 2/14/27, 1600 steps): adding 11 natural
-        2K windows to 56 offset ones raised the held-out gap closed at 2K from 0.63 to 0.66 (8K 0.71
-        -> 0.70).
+        ones queries meet most (measured: ``docs/method.md``, "Some windows at their natural
+        positions").
     bfloat16 : bool -- run the forward under bf16 autocast (captured vectors are still stored as
-        float32). Measured on SmolLM2 at 2K: 2.3x faster on a CPU with AMX, and the teacher's attention
-        moves by a total-variation distance of 0.004-0.008 per query (keys by 0.3-0.6 % relative),
-        far below what the encoders resolve. Training uses it where :func:`fast_bfloat16`; held-out
-        quality does not.
+        float32): faster where the CPU has AMX / AVX-512 BF16, at a change of the teacher's attention
+        far below what the encoders resolve (measured: ``docs/method.md``, "Teacher forward in
+        bf16"). Training uses it where :func:`fast_bfloat16`; held-out quality does not.
     """
     from dashkv.models import sliding_windows
 

@@ -80,9 +80,8 @@ def prefetch(typingctx, arr, row, col):
 @intrinsic
 def prefetch_l2(typingctx, arr, row, col):
     """Software prefetch to L2, not L1, of the line holding ``arr[row, col]`` of a 2-D array: for rows
-    needed a while later (V rows fetched during the logits). Into L1 they evicted the byte tables and
-    K rows in use: fused step at 128K 5-7 % faster (`bench_case`, 2026-11-30, two sets of three
-    alternating pairs: 9.1-9.5 -> 8.5-8.7 ms, and on a quieter machine 8.65-8.70 -> 8.17-8.35 ms)."""
+    needed a while later (V rows fetched during the logits). Into L1 they would evict the byte tables
+    and K rows in use (measured: ``docs/speed.md``)."""
     if not isinstance(arr, types.Array) or arr.ndim != 2:
         return None
     return types.void(arr, types.intp, types.intp), _prefetch_codegen(2)

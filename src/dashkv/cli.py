@@ -47,6 +47,17 @@ def _positive(option: str, value: int, minimum: int = 1) -> None:
         _user_error(f"{option} {value} is not allowed; {option} must be an integer >= {minimum}")
 
 
+def _positive_ints(option: str, text: str, what: str, example: str) -> tuple[int, ...]:
+    """``text`` as comma-separated integers >= 1, else a one-line error naming ``option``."""
+    try:
+        values = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        _user_error(f"{option} {text!r} is not allowed; give comma-separated {what} >= 1, e.g. {example}")
+    return values
+
+
 def _read_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
     if (prompt is None) == (file is None):
         _user_error("give either a PROMPT argument or --file, not both (nor neither)")
@@ -388,23 +399,13 @@ def bench_attention(
     unknown = [s for s in chosen if s not in attention.SHAPES]
     if unknown:
         _user_error(f"--shapes: {unknown} are not known; choose from {sorted(attention.SHAPES)}")
-    try:
-        lengths = tuple(int(s) for s in sizes.split(","))
-    except ValueError:
-        lengths = ()
-    if not lengths or min(lengths) < 1:
-        _user_error(f"--sizes {sizes!r} is not allowed; give comma-separated cache lengths >= 1, e.g. 1024,4096")
+    lengths = _positive_ints("--sizes", sizes, "cache lengths", "1024,4096")
     _positive("--repeats", repeats)
     _positive("--threads", threads)
     _check_config(bits=bits)
     if device not in ("cpu", "cuda"):
         _user_error(f"--device {device!r} is not supported; choose 'cpu' or 'cuda'")
-    try:
-        batch_sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        batch_sizes = ()
-    if not batch_sizes or min(batch_sizes) < 1:
-        _user_error(f"--batches {batches!r} is not allowed; give comma-separated batch sizes >= 1, e.g. 1,8")
+    batch_sizes = _positive_ints("--batches", batches, "batch sizes", "1,8")
     if device == "cuda":
         import torch
 

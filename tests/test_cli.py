@@ -155,3 +155,9 @@ _WITHOUT_GPU = [] if torch.cuda.is_available() else [(["--device", "cuda"], "--d
 def test_bench_attention_rejects_bad_device_options_in_one_line(args, word):
     result = runner.invoke(app, ["bench", "attention", "--sizes", "64", "--shapes", "smollm2"] + args)
     assert result.exit_code == 2 and word in result.output and "Traceback" not in result.output
+
+
+def test_bench_generate_dense_below_is_checked_by_the_config(monkeypatch):
+    _no_model_load(monkeypatch)
+    result = runner.invoke(app, ["bench", "generate", "--dense-below", "-1"])
+    assert result.exit_code == 2 and "--dense-below" in result.output, result.output

@@ -432,6 +432,9 @@ def bench_generate(
     model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
     threads: int = typer.Option(2),
     busy: int = typer.Option(0, help="CPU-bound competitor processes running during the whole measurement."),
+    dense_below: Optional[int] = typer.Option(
+        None, help="DASH-KV rows: attend exactly below this many keys (default: the config's; 0: tiers at every length)."
+    ),
 ) -> None:
     """End-to-end decode speed: full attention (stock, in-place cache), DASH-KV (share head, group), SnapKV.
 
@@ -446,9 +449,11 @@ def bench_generate(
         generate.check_options(sizes, new_tokens, busy, threads, flags=True)
     except ValueError as error:
         _user_error(str(error))
+    if dense_below is not None:
+        _check_config(dense_below=dense_below)
     _check_model_option(model)
     results = generate.run(sizes, new_tokens, threads, model, output, progress=lambda xs: tqdm(xs, desc="contexts"),
-                           busy=busy)  # fmt: skip
+                           busy=busy, dense_below=dense_below)  # fmt: skip
     typer.echo(generate.table(results))
     typer.echo(f"\nwrote {output / 'generate.json'}")
 

@@ -91,6 +91,7 @@ def _mid_inputs(encoder: LayerHashEncoder, query: torch.Tensor, key_norms: torch
     )  # fmt: skip
 
 
+@torch.no_grad()  # as a decode step runs (generate): the compiled query encoder, no autograd graph
 def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup: int, seed: int = 0) -> dict:
     """Time one (shape, S) case; returns a JSON-ready dict.
 

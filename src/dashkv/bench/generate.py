@@ -384,12 +384,14 @@ def run(
     output: Path | None = None,
     progress=None,
     busy: int = 0,
+    dense_below: int | None = None,
 ) -> dict:
     """Decode speed of every row of :data:`ROWS` on a model (default: the embedded SmolLM2-135M), with
     its shipped encoders or else random ones; writes ``generate.json`` to ``output`` if given.
 
     Contexts longer than the model's position limit minus ``new_tokens`` are cut to it. ``busy``
-    CPU-bound competitor processes (:class:`Competitors`) run during the whole measurement.
+    CPU-bound competitor processes (:class:`Competitors`) run during the whole measurement. DASH-KV rows
+    run the default config, with ``dense_below`` (``DashKVConfig.dense_below``) if given.
 
     Raises
     ------
@@ -403,7 +405,7 @@ def run(
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        results = _measure(lengths, new_tokens, threads, model_name, progress, busy)
+        results = _measure(lengths, new_tokens, threads, model_name, progress, busy, dense_below)
     finally:  # a library call leaves the caller's thread settings as they were
         torch.set_num_threads(previous[0])
         numba.set_num_threads(previous[1])
@@ -414,7 +416,8 @@ def run(
     return results
 
 
-def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, progress, busy: int) -> dict:
+def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, progress, busy: int,
+             dense_below: int | None = None) -> dict:
     """Load the model and its encoders, then :func:`compare` under ``busy`` competitors: the results."""
     import dashkv
     from dashkv.shipped import shipped_encoders
@@ -429,8 +432,10 @@ def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, pro
     limit = getattr(model.config, "max_position_embeddings", None) or max(lengths) + new_tokens
     contexts = [context_ids(tokenizer, min(n, limit - new_tokens)) for n in lengths]
     config = dashkv.DashKVConfig(bits=encoders.bits)
+    if dense_below is not None:
+        config = dataclasses.replace(config, dense_below=dense_below)
     with Competitors(busy) as competitors:
-        cases = compare(model, encoders, contexts, new_tokens, progress)
+        cases = compare(model, encoders, contexts, new_tokens, progress, config=config)
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads,
                     "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -154,3 +154,21 @@ def test_short_caches_attend_exactly_below_dense_below(tiny_qwen2):
     assert 0 < summary["mean"]["low"] < 1
     with pytest.raises(ValueError, match="dense_below"):
         DashKVConfig(dense_below=-1)
+
+
+def test_encoder_check_is_kept_until_a_weight_changes(tiny_qwen2):
+    """``enable`` scans the encoders once; a weight changed in place (its version moves) is scanned again."""
+    enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
+    cfg = DashKVConfig(bits=32)
+    with dashkv.enable(tiny_qwen2, enc, cfg):
+        pass
+    stamp = enc._dashkv_checked[0]
+    with dashkv.enable(tiny_qwen2, enc, cfg):
+        pass
+    assert enc._dashkv_checked[0] == stamp
+    with torch.no_grad():
+        enc.layers[1].key_proj[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        with dashkv.enable(tiny_qwen2, enc, cfg):
+            pass
+    assert tiny_qwen2.config._attn_implementation == "sdpa"

@@ -20,7 +20,8 @@ Modules, one concept each:
 - :mod:`~dashkv.ops.cpu.select`: distances, histograms, exact sort-free selection and tiers;
 - :mod:`~dashkv.ops.cpu.attend`: split-softmax attention over given tiers and its merge;
 - :mod:`~dashkv.ops.cpu.encode`: codes of a few new queries or keys;
-- :mod:`~dashkv.ops.cpu.fused`: the fused decode step (:func:`dash_attention`);
+- :mod:`~dashkv.ops.cpu.fused`: the passes of the fused decode step (:func:`dash_attention`);
+- :mod:`~dashkv.ops.cpu.step`: that step as one compiled call;
 - :mod:`~dashkv.ops.cpu.plumbing`: torch/numpy views, validation, mid-tier tables;
 - :mod:`~dashkv.ops.cpu.api`: the public functions re-exported here.
 

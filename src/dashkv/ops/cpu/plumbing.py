@@ -218,12 +218,6 @@ def mid_arrays(mid: MidTierInputs | None, query_shape: tuple[int, ...], knorm: n
     )
 
 
-def budget_counts_np(num_eligible: np.ndarray, fraction: float) -> np.ndarray:
-    """:func:`dashkv.ops.reference.budget_counts` in numpy (the same float64 operations)."""
-    k = np.maximum(np.ceil(num_eligible.astype(np.float64) * fraction - 1e-9), 0).astype(np.int64)
-    return np.minimum(k, num_eligible)
-
-
 def new_parts(rows: int, seq: int, dim: int, chunk: int):
     """Per (row, chunk) partials: max and sum exp and sum exp * v of high ``[..., 0]`` and mid
     ``[..., 1]`` keys, the anchor numerator and the number of high keys. Uninitialised: the attention

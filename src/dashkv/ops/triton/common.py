@@ -43,3 +43,20 @@ def selected(d, eligible, thr, need, rank):
     ties at it while their rank counted from the latest key (``rank``, 1 for the latest tie) is within
     ``need``."""
     return eligible & ((d < thr) | ((d == thr) & (rank <= need)))
+
+
+@triton.jit
+def chunk_of_row(dist_ptr, code_ptr, csb, csh, cst, css, H, T, S, CHUNK: tl.constexpr):
+    """The program's (row, chunk) of a ``(rows, NCH)`` grid over given distances ``dist [rows, S]`` (rows
+    ``(b, h, t)``): the row, the chunk, its key offsets, which are in bounds, their distances (int32) and
+    mask codes (strides ``csb, csh, cst, css`` of the mask)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = row // (H * T)
+    h = (row // T) % H
+    t = row % T
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    inb = offs < S
+    d = tl.load(dist_ptr + row * S + offs, mask=inb, other=0).to(tl.int32)
+    code = tl.load(code_ptr + b * csb + h * csh + t * cst + offs * css, mask=inb, other=0)
+    return row, c, offs, inb, d, code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dashkv.ops.triton.common import popcount64
+from dashkv.ops.triton.common import chunk_of_row, popcount64
 
 
 @triton.jit
@@ -75,15 +75,8 @@ def dense_hist_kernel(
 ):  # fmt: skip
     """Histograms ``hist [rows, NCH, NBP]`` of given distances ``dist [rows, S]`` (rows (b, h, t)) over
     the keys of mask code 1, bin = ``clamp(distance - lo, 0, NV - 1)`` (as the reference's histogram). Grid: ``(rows, NCH)``."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = row // (H * T)
-    h = (row // T) % H
-    t = row % T
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    inb = offs < S
-    d = tl.load(dist_ptr + row * S + offs, mask=inb, other=0).to(tl.int32) - lo
-    code = tl.load(code_ptr + b * csb + h * csh + t * cst + offs * css, mask=inb, other=0)
+    row, c, offs, inb, d, code = chunk_of_row(dist_ptr, code_ptr, csb, csh, cst, css, H, T, S, CHUNK)
+    d = d - lo
     keep = inb & (code == 1)
     counts = tl.histogram(tl.where(keep, tl.minimum(tl.maximum(d, 0), NV - 1), 0), NBP, mask=keep)
     tl.store(hist_ptr + (row * NCH + c) * NBP + tl.arange(0, NBP), counts)

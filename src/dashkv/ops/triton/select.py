@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dashkv.ops.triton.common import selected
+from dashkv.ops.triton.common import chunk_of_row, selected
 
 
 @triton.jit
@@ -72,15 +72,7 @@ def dense_select_kernel(
     with threshold set 0) or tiers (int8, :func:`~dashkv.ops.reference.assign_tiers` with threshold sets
     0 = high, 1 = high + mid) of given distances; mask codes 0 hidden, 1 eligible, 2 always high.
     Grid: ``(rows, NCH)``."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = row // (H * T)
-    h = (row // T) % H
-    t = row % T
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    inb = offs < S
-    d = tl.load(dist_ptr + row * S + offs, mask=inb, other=0).to(tl.int32)
-    code = tl.load(code_ptr + b * csb + h * csh + t * cst + offs * css, mask=inb, other=0)
+    row, c, offs, inb, d, code = chunk_of_row(dist_ptr, code_ptr, csb, csh, cst, css, H, T, S, CHUNK)
     elig = inb & (code == 1)
     thr = tl.load(thr_ptr + row)
     need = tl.load(need_ptr + row)

@@ -25,6 +25,7 @@ from dashkv.ops.reference import (
     HIDDEN,
     HIGH,
     LOW,
+    LayerPlan,
     MidTierWeights,
     StepInputs,
     StepSettings,
@@ -102,6 +103,16 @@ def mid_weights(encoder: LayerHashEncoder) -> MidTierWeights:
     )  # fmt: skip
 
 
+def layer_plan(
+    ops: ModuleType, encoder: LayerHashEncoder, config: DashKVConfig, heads: int, kv_heads: int, scaling: float,
+    *, want_prior: bool, want_weights: bool,
+) -> LayerPlan:  # fmt: skip
+    """The backend's plan of one layer's step (``ops.plan_layer``): what :func:`tiered_step` needs besides
+    the tensors of a call, prepared once."""
+    settings = step_settings(config, encoder, heads, kv_heads, scaling, want_prior, want_weights)
+    return ops.plan_layer(encoder, settings, mid_weights(encoder) if config.mid > 0 else None)
+
+
 def tiered_step(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -118,8 +129,9 @@ def tiered_step(
     always: torch.Tensor | None = None,
     want_prior: bool = False,
     want_weights: bool = True,
+    plan: LayerPlan | None = None,
 ) -> StepResult:
-    """DASH-KV attention of one layer for a block of query tokens: the backend's ``decode_step``.
+    """DASH-KV attention of one layer for a block of query tokens: the backend's ``layer_step``.
 
     Parameters
     ----------
@@ -132,6 +144,8 @@ def tiered_step(
         :class:`dashkv.ops.dispatch.Backend`
     always : Tensor[B, 1, T, S] bool or None -- sinks and window (computed from ``visible`` if None)
     want_prior, want_weights : return the updated prior / the ``[B, H, T, S]`` weights and tiers
+    plan : the layer's plan (:func:`layer_plan` of the same backend, encoder, config and flags), made
+        here when None; the decode path passes the one it keeps
     """
     ops = ops or get_backend(config.backend, query.device)
     if config.selector == "oracle":
@@ -140,12 +154,11 @@ def tiered_step(
         always = always_high(visible, config.sinks, config.window)
     if prior is not None and prior.shape[-1] != key.shape[-2]:
         prior = None
-    settings = step_settings(config, encoder, query.shape[1], key.shape[1], scaling, want_prior, want_weights)
-    inputs = StepInputs(
-        query, key, value, ops.encode_query(encoder, query), key_codes, key_norms, visible, always,
-        prior if config.momentum else None,
-    )  # fmt: skip
-    out = ops.decode_step(inputs, settings, mid_weights(encoder) if config.mid > 0 else None)
+    if plan is None:
+        plan = layer_plan(ops, encoder, config, query.shape[1], key.shape[1], scaling, want_prior=want_prior,
+                          want_weights=want_weights)  # fmt: skip
+    inputs = StepInputs(query, key, value, None, key_codes, key_norms, visible, always, prior if config.momentum else None)
+    out = ops.layer_step(plan, inputs)
     return StepResult(out.output, out.probs, out.tiers, out.prior, out.counts)
 
 
@@ -194,10 +207,33 @@ class DashKVRuntime:
     _masks: dict = field(default_factory=dict)
     # the model's sliding-window layers: transformers' SDPA runs them, untouched (DASH-KV keeps every key)
     sliding: frozenset[int] = frozenset()
+    _plans: dict = field(default_factory=dict)  # layer -> (backend, scaling, encoder stamp, LayerPlan)
+    _planned: set = field(default_factory=set)  # layers whose plan this forward has checked
+    _ops: tuple | None = None  # (device, backend) of the last call
+
+    def __post_init__(self) -> None:
+        self._encoders = list(self.encoders.layers)  # indexing a ModuleList costs more than a list
 
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
         self._masks.clear()
+        self._planned.clear()
+
+    def _plan(self, layer_idx: int, encoder: LayerHashEncoder, ops: ModuleType, heads: int, kv_heads: int,
+              scaling: float) -> LayerPlan:  # fmt: skip
+        """The layer's plan, made once per block and remade when the encoder's tensors changed (checked
+        once per forward: encoders trained between two forwards are never served stale)."""
+        held = self._plans.get(layer_idx)
+        if held is not None and layer_idx in self._planned:
+            return held[3]
+        stamp = encoder.state_stamp()
+        if held is None or held[0] is not ops or held[1] != scaling or held[2] != stamp:
+            cfg = self.config
+            plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=cfg.momentum,
+                              want_weights=cfg.selector == "oracle")  # fmt: skip
+            held = self._plans[layer_idx] = (ops, scaling, stamp, plan)
+        self._planned.add(layer_idx)
+        return held[3]
 
     def _mask(self, batch: int, queries: int, keys: int, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``visible`` and ``always`` of this forward, built once and shared by its layers (they see the
@@ -221,16 +257,24 @@ class DashKVRuntime:
             self._warned = True
         return encoder.encode_key(key)
 
+    def _backend(self, device: torch.device) -> ModuleType:
+        held = self._ops
+        if held is None or held[0] != device:
+            held = self._ops = (device, get_backend(self.config.backend, device))
+        return held[1]
+
     def attend(
         self,
-        layer_idx: int,
+        module: nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
     ) -> torch.Tensor:
-        """Attention of one layer; returns Tensor[B, T, H, D] as transformers expects."""
+        """Attention of one layer (``module``, the model's attention module); returns Tensor[B, T, H, D]
+        as transformers expects."""
+        layer_idx = module.layer_idx
         if torch.isnan(query).any():
             raise ValueError(
                 f"query of layer {layer_idx} contains NaN: hash codes of NaN are meaningless; "
@@ -244,8 +288,8 @@ class DashKVRuntime:
         # faster of the two) and dense layers without momentum
         if (keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below or (dense_layer and not cfg.momentum):
             self.stats.record_dense(layer_idx)
-            return _sdpa(query, key, value, attention_mask, scaling)
-        ops = get_backend(cfg.backend, query.device)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
+        ops = self._backend(query.device)
         visible, always = self._mask(batch, queries, keys, attention_mask, query.device)
         if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
             self.stats.record_dense(layer_idx)
@@ -253,8 +297,9 @@ class DashKVRuntime:
             self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
             return result.output.transpose(1, 2)
 
-        encoder = self.encoders.layers[layer_idx]
+        encoder = self._encoders[layer_idx]
         codes, norms = self._codes(layer_idx, key, encoder)
+        plan = None if cfg.selector == "oracle" else self._plan(layer_idx, encoder, ops, heads, key.shape[1], scaling)
         outputs, priors = [], []
         whole = queries <= cfg.chunk_size  # one block (decode): the forward's own mask tensors, whose
         # kernel rows the backend keeps for the next layers (a slice would be a new tensor each layer)
@@ -267,7 +312,7 @@ class DashKVRuntime:
                 query if whole else query[:, :, rows], key, value, codes, norms, encoder, cfg,
                 visible if whole else visible[:, :, rows], scaling, prior, ops,
                 always=always if whole else always[:, :, rows], want_prior=cfg.momentum,
-                want_weights=cfg.selector == "oracle",
+                want_weights=cfg.selector == "oracle", plan=plan,
             )  # fmt: skip
             if result.counts is not None:
                 self.stats.record_counts(layer_idx, result.counts)
@@ -280,21 +325,6 @@ class DashKVRuntime:
             self.prior = priors[0] if len(priors) == 1 else torch.cat(priors, dim=1)
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return output.transpose(1, 2)
-
-
-def _sdpa(query, key, value, attention_mask, scaling):
-    groups = query.shape[1] // key.shape[1]
-    module = _GroupsOnly(groups)
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
-    return output
-
-
-class _GroupsOnly(nn.Module):
-    """The two attributes ``sdpa_attention_forward`` reads from an attention module."""
-
-    def __init__(self, groups: int):
-        super().__init__()
-        self.num_key_value_groups, self.is_causal = groups, True
 
 
 # the keyword argument in which dashkv.enable's forward hook passes the running forward's DashKVRuntime
@@ -320,4 +350,4 @@ def dashkv_attention_forward(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if runtime is None or module.layer_idx in runtime.sliding:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return runtime.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
+    return runtime.attend(module, query, key, value, attention_mask, scaling), None

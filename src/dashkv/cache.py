@@ -38,6 +38,7 @@ class DashKVLayer(DynamicLayer):
         self._buffers: dict[str, torch.Tensor] = {}  # "keys", "values"[, "codes", "key_norms"]
         self.codes: torch.Tensor | None = None  # [B, Hkv, S, W] int64 view
         self.key_norms: torch.Tensor | None = None  # [B, Hkv, S] float32 view
+        self._encode = None  # the backend's encode_key for the keys' device, found at the first update
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, encoder: LayerHashEncoder | None) -> "DashKVLayer":
@@ -84,10 +85,12 @@ class DashKVLayer(DynamicLayer):
         self._buffers = grown
 
     def _refresh_views(self) -> None:
-        n = self.length
-        views = {name: buffer[:, :, :n] for name, buffer in self._buffers.items()}
-        self.keys, self.values = views["keys"], views["values"]
-        self.codes, self.key_norms = views.get("codes"), views.get("key_norms")
+        n, buffers = self.length, self._buffers
+        self.keys, self.values = buffers["keys"][:, :, :n], buffers["values"][:, :, :n]
+        if "codes" in buffers:
+            self.codes, self.key_norms = buffers["codes"][:, :, :n], buffers["key_norms"][:, :, :n]
+        else:
+            self.codes = self.key_norms = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
@@ -99,21 +102,22 @@ class DashKVLayer(DynamicLayer):
             self.is_initialized = True
         new = {"keys": key_states, "values": value_states}
         if self.encoder is not None:
-            if self.encoder.key_proj.device != key_states.device:
+            if self._encode is None or self.encoder.key_proj.device != key_states.device:
                 self.encoder.to(key_states.device)
-            new["codes"], new["key_norms"] = get_backend("auto", key_states.device).encode_key(self.encoder, key_states)
-        added = key_states.shape[-2]
-        end = self.length + added
-        fits = self._buffers and all(
-            self._buffers[name].shape[:2] == state.shape[:2] and self._buffers[name].dtype == state.dtype
-            for name, state in new.items()
-        )
+                self._encode = get_backend("auto", key_states.device).encode_key
+            new["codes"], new["key_norms"] = self._encode(self.encoder, key_states)
+        end = self.length + key_states.shape[-2]
+        held = self._buffers.get("keys")
+        fits = (
+            held is not None and held.shape[:2] == key_states.shape[:2] and held.dtype == key_states.dtype
+            and len(self._buffers) == len(new)
+        )  # fmt: skip
         if not fits and self.length:
             raise ValueError(
-                f"cache layer holds batch x heads {tuple(self._buffers['keys'].shape[:2])} in "
-                f"{self._buffers['keys'].dtype}; got states {tuple(key_states.shape[:2])} in {key_states.dtype}"
+                f"cache layer holds batch x heads {tuple(held.shape[:2])} in {held.dtype}; got states "
+                f"{tuple(key_states.shape[:2])} in {key_states.dtype}"
             )
-        if not fits or end > self.capacity:
+        if not fits or end > held.shape[2]:
             self._grow(new, end)
         for name, state in new.items():
             self._buffers[name][:, :, self.length : end] = state

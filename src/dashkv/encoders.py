@@ -17,6 +17,7 @@ weights) and the calibration discounts, so one artifact carries everything train
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -89,6 +90,11 @@ class LayerHashEncoder(nn.Module):
         self.residual = nn.Parameter(torch.zeros(num_heads, bits))
         self.spatial_discount = nn.Parameter(torch.tensor(-bits / 16.0))
         self.temporal_discount = nn.Parameter(torch.tensor(-bits / 16.0))
+
+    def state_stamp(self) -> tuple:
+        """Storage and version counter of every tensor: equal stamps mean unchanged weights (in-place
+        updates bump the version, a reload the storage), for what is prepared from them once."""
+        return tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
 
     def query_projection(self, query: torch.Tensor) -> torch.Tensor:
         """Real-valued query code before the sign. ``query`` Tensor[B, H, T, D] -> Tensor[B, H, T, R] fp32."""

@@ -29,7 +29,11 @@ class TierStats:
 
     def record_counts(self, layer: int, counts: torch.Tensor) -> None:
         """Add one call's (high, mid, low) counts (Tensor[3] int64), as the decode step returns them."""
-        self.counts[layer] = self.counts.get(layer, torch.zeros(3, dtype=torch.int64)) + counts.cpu()
+        held = self.counts.get(layer)
+        if held is None:
+            self.counts[layer] = counts.to("cpu", torch.int64, copy=True)
+        else:
+            held += counts.cpu()
 
     def record_dense(self, layer: int) -> None:
         self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1

@@ -32,14 +32,12 @@ logger = logging.getLogger(__name__)
 COLD_MESSAGE = "compiling DASH-KV CPU kernels once; run `dashkv warmup` ahead of time"
 
 DECODE_KERNELS = (
-    "encode.query_codes_kernel",
     "encode.key_codes_kernel",
     "step.step_kernel",
-    "step.momentum_rows",
     "attend.attn_tiers_kernel",
     "attend.merge_kernel",
     "attend.scale_probs",
-    "plumbing.byte_tables",
+    "tables.byte_tables",
 )
 """The kernels the decode path calls from Python (modules of :mod:`dashkv.ops.cpu`); kernels they
 call are compiled (and cached) with them."""

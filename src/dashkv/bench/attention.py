@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dashkv.attention import always_high, tiered_step, visibility
+from dashkv.attention import always_high, layer_plan, tiered_step, visibility
 from dashkv.config import DashKVConfig
 from dashkv.encoders import LayerHashEncoder
 from dashkv.ops.reference import MidTierInputs, budget_counts, expand_kv
@@ -134,9 +134,11 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
 
     prior = torch.softmax(torch.randn(1, 1, seq, generator=gen) * 3, dim=-1)  # a previous layer's
 
-    def method(cfg: DashKVConfig):  # as the decode path calls it: momentum prior in and out, no weights
+    def method(cfg: DashKVConfig):  # as the decode path calls it: the layer's plan made once, momentum
+        # prior in and out, no weights
+        plan = layer_plan(cpu, encoder, cfg, heads, kv_heads, scaling, want_prior=cfg.momentum, want_weights=False)
         return lambda: tiered_step(query, key, value, codes, norms, encoder, cfg, visible, scaling, prior, cpu,
-                                   always=always, want_prior=cfg.momentum, want_weights=False)  # fmt: skip
+                                   always=always, want_prior=cfg.momentum, want_weights=False, plan=plan)  # fmt: skip
 
     _, _, tiers = cpu.dash_attention(
         query, key, value, query_codes, codes, k_high, k_mid, scaling, visible, always, mid, return_tiers=True

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from dashkv.attention import always_high, tiered_step, visibility
+from dashkv.attention import always_high, layer_plan, tiered_step, visibility
 from dashkv.bench.attention import SHAPES, Timing
 from dashkv.config import DashKVConfig
 from dashkv.encoders import LayerHashEncoder
@@ -125,9 +125,10 @@ def bench_case_gpu(shape: str, batch: int, seq: int, config: DashKVConfig, repea
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
 
-    def method(cfg: DashKVConfig, weights: bool = False):
+    def method(cfg: DashKVConfig, weights: bool = False):  # the layer's plan made once, as the decode path does
+        plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=False, want_weights=weights)
         return lambda: tiered_step(query, key, value, codes, norms, encoder, cfg, visible, scaling, None, ops,
-                                   always=always, want_weights=weights)  # fmt: skip
+                                   always=always, want_weights=weights, plan=plan)  # fmt: skip
 
     by_share = {share: replace(config, share=share) for share in ("head", "group")}
     fns = {"sdpa": dense, "dashkv_step": method(by_share["head"]), "dashkv_step_group": method(by_share["group"])}

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from dashkv.ops import reference
-from dashkv.ops.reference import MidTierInputs, MidTierWeights, StepInputs, StepOutputs, StepSettings
+from dashkv.ops.reference import LayerPlan, MidTierInputs, MidTierWeights, StepInputs, StepOutputs, StepSettings
 
 
 class Backend(Protocol):
@@ -25,6 +25,10 @@ class Backend(Protocol):
     def encode_key(self, encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def decode_step(self, inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs: ...
+
+    def plan_layer(self, encoder, settings: StepSettings, mid: MidTierWeights | None) -> LayerPlan: ...
+
+    def layer_step(self, plan: LayerPlan, inputs: StepInputs) -> StepOutputs: ...
 
     def hamming_distance(self, query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor: ...
 

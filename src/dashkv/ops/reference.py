@@ -307,7 +307,7 @@ class StepInputs(NamedTuple):
     ----------
     query : Tensor[B, H, T, D]
     key, value : Tensor[B, Hkv, S, D]
-    query_codes : Tensor[B, H, T, W], int64
+    query_codes : Tensor[B, H, T, W], int64; or None for :func:`layer_step` (the plan's encoder makes them)
     key_codes : Tensor[B, Hkv, S, W], int64
     key_norms : Tensor[B, Hkv, S], float32 -- ``|k - mu|``
     visible : Tensor[B, 1, T, S], bool -- causal and padding mask
@@ -431,3 +431,29 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     prior = update_prior(inputs.prior, probs, settings.momentum_decay) if settings.want_prior else None
     weights = (probs, tiers) if settings.want_weights else (None, None)
     return StepOutputs(output, counts, prior, *weights)
+
+
+class LayerPlan(NamedTuple):
+    """What a layer's step needs besides the tensors of the call: its encoder (a
+    :class:`~dashkv.encoders.LayerHashEncoder`), settings and mid-tier weights, and what the backend
+    prepared from them (``prepared``; the reference prepares nothing). Made by a backend's
+    ``plan_layer`` once per layer and ``enable`` block, so that each step converts only its own tensors
+    (the plan / run split)."""
+
+    encoder: object
+    settings: StepSettings
+    mid: MidTierWeights | None
+    prepared: object = None
+
+
+def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> LayerPlan:
+    """The plan of one layer (see :class:`LayerPlan`)."""
+    return LayerPlan(encoder, settings, mid)
+
+
+def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
+    """One layer's step from its plan: the query codes (where ``inputs.query_codes`` is None, by the
+    plan's encoder), then :func:`decode_step`."""
+    if inputs.query_codes is None:
+        inputs = inputs._replace(query_codes=encode_query(plan.encoder, inputs.query))
+    return decode_step(inputs, plan.settings, plan.mid)

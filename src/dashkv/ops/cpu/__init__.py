@@ -17,12 +17,15 @@ which a head-per-thread split cannot.
 Modules, one concept each:
 
 - :mod:`~dashkv.ops.cpu.jit`: intrinsics, 16-bit loads, ``exp``;
-- :mod:`~dashkv.ops.cpu.select`: distances, histograms, exact sort-free selection and tiers;
+- :mod:`~dashkv.ops.cpu.select`: Hamming rows, histograms, exact sort-free selection and tiers;
 - :mod:`~dashkv.ops.cpu.attend`: split-softmax attention over given tiers and its merge;
 - :mod:`~dashkv.ops.cpu.encode`: codes of a few new queries or keys;
+- :mod:`~dashkv.ops.cpu.tables`: the mid tier's lookup tables;
 - :mod:`~dashkv.ops.cpu.fused`: the passes of the fused decode step (:func:`dash_attention`);
-- :mod:`~dashkv.ops.cpu.step`: that step as one compiled call;
-- :mod:`~dashkv.ops.cpu.plumbing`: torch/numpy views, validation, mid-tier tables;
+- :mod:`~dashkv.ops.cpu.step`: that step as one compiled call, and the named tuples it takes;
+- :mod:`~dashkv.ops.cpu.views`: torch tensors as the kernels' arrays (key rows, mask rows), checks;
+- :mod:`~dashkv.ops.cpu.scratch`: reusable buffers of the step;
+- :mod:`~dashkv.ops.cpu.plan`: a layer's step prepared once (:func:`plan_layer`);
 - :mod:`~dashkv.ops.cpu.api`: the public functions re-exported here.
 
 Threads: numba's own pool (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``), independent of
@@ -39,6 +42,8 @@ from dashkv.ops.cpu.api import (
     decode_step,
     hamming_distance,
     kth_smallest,
+    layer_step,
+    plan_layer,
     select_smallest,
     tiered_attention,
 )
@@ -62,6 +67,8 @@ __all__ = [
     "expand_kv",
     "hamming_distance",
     "kth_smallest",
+    "layer_step",
+    "plan_layer",
     "select_smallest",
     "tiered_attention",
 ]

@@ -1,4 +1,10 @@
-"""Public functions of the CPU backend: the reference signatures plus the fused :func:`dash_attention`."""
+"""Public functions of the CPU backend: the reference signatures, the plan / run pair of the decode path
+(:func:`plan_layer` in :mod:`~dashkv.ops.cpu.plan`, :func:`layer_step`) and the fused
+:func:`dash_attention`.
+
+Signature twins of :mod:`dashkv.ops.reference` (the ``Backend`` contract of :mod:`dashkv.ops.dispatch`):
+their docstrings and argument checks repeat on purpose.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dashkv.ops.cpu import fused, plumbing as pl
-from typing import NamedTuple
-
-from dashkv.ops.cpu.attend import attn_tiers_kernel, scale_probs
-from dashkv.ops.cpu.step import momentum_rows, step_kernel
+from dashkv.ops.cpu import fused
+from dashkv.ops.cpu import views as vw
+from dashkv.ops.cpu.attend import attn_tiers_kernel, merge_kernel, scale_probs
+from dashkv.ops.cpu.encode import NO_ENCODER, encode_query, few_rows
+from dashkv.ops.cpu.plan import NO_MASK, NO_MID, NO_ROWS, Prepared, plan_layer
+from dashkv.ops.cpu.scratch import scratch
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
+from dashkv.ops.cpu.step import Budget, Calibration, MidTier, Prior, step_kernel
+from dashkv.ops.cpu.tables import cos_table, residual_tables
 from dashkv.ops.reference import (
+    LayerPlan,
     MidTierInputs,
     MidTierWeights,
     StepInputs,
@@ -26,29 +36,29 @@ CHUNK = 2048
 """Keys per task: a chunk's K and V (0.5 MiB each at D = 64 in fp32) stay in L2 for the GQA group."""
 
 
-# --------------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------------- per-op API
 
 
 def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
     """Packed Hamming distance ``[B, H, T, S]`` int32 (see :func:`dashkv.ops.reference.hamming_distance`)."""
-    pl.check_cpu(query_codes, key_codes)
+    vw.check_cpu(query_codes, key_codes)
     nbatch, heads, tokens, words = query_codes.shape
     kb, kheads, seq, kw = key_codes.shape
     if kw != words or heads % kheads or kb not in (1, nbatch):
         raise ValueError(f"codes {tuple(query_codes.shape)} and {tuple(key_codes.shape)} do not match")
-    out = np.empty((nbatch, heads, tokens, seq), np.int32)
+    out = np.empty((nbatch * heads * tokens, seq), np.int32)
     if out.size:
-        (kc,), stride = pl.key_rows(pl.check_codes(key_codes))
-        hamming_kernel(pl.codes_array(query_codes), pl.as_numpy(kc), kheads, stride, out, CHUNK)
-    return torch.from_numpy(out)
+        (kc,), stride = vw.key_rows(vw.check_codes(key_codes))
+        hamming_kernel(vw.codes_array(query_codes), vw.as_numpy(kc), kheads, stride, out, CHUNK)
+    return torch.from_numpy(out).view(nbatch, heads, tokens, seq)
 
 
-def _histogram(dist, code, lo, hi):
+def _histogram(dist, vis_bytes, lo, hi):
     if hi < lo:
         raise ValueError(f"empty distance range [{lo}, {hi}]")
-    d2 = pl.dist2d(dist)
-    code_np, cdims = pl.mask_array(code, tuple(dist.shape), "eligible")
-    return d2, code_np, cdims, hist_kernel(d2, code_np, cdims, int(lo), int(hi) - int(lo) + 1, CHUNK)
+    d2 = vw.dist2d(dist)
+    vis, vdims = vw.mask_array(vis_bytes, tuple(dist.shape), "eligible")
+    return d2, vis, vdims, hist_kernel(d2, vis, vdims, int(lo), int(hi) - int(lo) + 1, CHUNK)
 
 
 def code_scan_plan(
@@ -56,27 +66,28 @@ def code_scan_plan(
 ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     """The first pass of :func:`dash_attention` alone, for benchmarks: checks and views made once
     (a plan), the returned function runs the pass and returns the raw distances ``[B*H*T, S]`` (uint8
-    for up to 3 words) and the per (row, chunk) histograms, every key visible and eligible. Timing
-    the function times the scan itself; the fused step pays its checks and views once per call.
+    for up to 3 words) and the per (row, chunk) histograms, every key visible and eligible.
 
     Parameters
     ----------
     query_codes : Tensor[B, H, T, W], int64
     key_codes : Tensor[B, Hkv, S, W], int64
     """
-    pl.check_cpu(query_codes, key_codes)
+    vw.check_cpu(query_codes, key_codes)
     nbatch, heads, tokens, words = query_codes.shape
     kheads, seq = key_codes.shape[1], key_codes.shape[2]
-    code, cdims = pl.mask_array(torch.ones(1, 1, 1, seq, dtype=torch.uint8), (nbatch, heads, tokens, seq), "codes")
-    qc = pl.codes_array(query_codes)
-    (kc,), stride = pl.key_rows(pl.check_codes(key_codes))
-    kc = pl.as_numpy(kc)
+    vis, vdims = vw.mask_array(torch.ones(1, 1, 1, seq, dtype=torch.uint8), (nbatch, heads, tokens, seq), "codes")
+    qc = vw.codes_array(query_codes)
+    (kc,), stride = vw.key_rows(vw.check_codes(key_codes))
+    rows = vw.KeyRows(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), vw.as_numpy(kc),
+                      np.zeros(1, np.float32), 0, kheads, seq, stride)  # fmt: skip
+    masks = vw.MaskRows(vis, vdims, 0)
     nb = 64 * words + 1
-    dist = np.empty((nbatch * heads * tokens, seq), pl.dist_dtype(64 * words))
+    dist = np.empty((nbatch * heads * tokens, seq), vw.dist_dtype(64 * words))
     hist = np.empty((nbatch * heads * tokens, -(-seq // CHUNK), nb + 4), np.int32)
 
     def run() -> tuple[np.ndarray, np.ndarray]:
-        fused.distance_kernel(qc, kc, kheads, seq, stride, code, cdims, nb, dist, hist, CHUNK, False)
+        fused.distance_kernel(qc, rows, masks, nb, dist, hist, CHUNK, False)
         return dist, hist
 
     return run
@@ -84,19 +95,19 @@ def code_scan_plan(
 
 def kth_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """The k-th smallest eligible distance per row ``[B, H, T]`` int64 (see the reference)."""
-    pl.check_cpu(dist, eligible, k)
+    vw.check_cpu(dist, eligible, k)
     _, _, _, hist = _histogram(dist, eligible.to(torch.bool).to(torch.uint8), lo, hi)
-    thr, _, _ = thresholds(hist, pl.rows_of(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
+    thr, _, _ = thresholds(hist, vw.rows_of(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
     return torch.from_numpy(thr).view(dist.shape[:3])
 
 
 def select_smallest(dist: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Exactly ``min(k, n)`` eligible keys of smallest distance per row, ties to later positions."""
-    pl.check_cpu(dist, eligible, k)
-    d2, code, cdims, hist = _histogram(dist, eligible.to(torch.bool).to(torch.uint8), lo, hi)
-    thr, need, tie_base = thresholds(hist, pl.rows_of(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
+    vw.check_cpu(dist, eligible, k)
+    d2, vis, vdims, hist = _histogram(dist, eligible.to(torch.bool).to(torch.uint8), lo, hi)
+    thr, need, tie_base = thresholds(hist, vw.rows_of(k, dist.shape), int(lo), int(hi) - int(lo) + 1)
     out = np.empty(d2.shape, np.bool_)
-    select_kernel(d2, code, cdims, thr, need, tie_base, out, CHUNK)
+    select_kernel(d2, vis, vdims, thr, need, tie_base, out, CHUNK)
     return torch.from_numpy(out).view(dist.shape)
 
 
@@ -110,16 +121,50 @@ def assign_tiers(
     hi: int,
 ) -> torch.Tensor:
     """Tiers ``[B, H, T, S]`` int8: 2 high, 1 mid, 0 low, -1 hidden (see the reference)."""
-    pl.check_cpu(dist, visible, always)
+    vw.check_cpu(dist, visible, always)
     shape = tuple(dist.shape)
-    d2, code, cdims, hist = _histogram(dist, pl.codes_of(visible, always), lo, hi)
+    d2, vis, vdims, hist = _histogram(dist, vw.visibility_bytes(visible, always), lo, hi)
     nb = int(hi) - int(lo) + 1
     kh = torch.as_tensor(k_high)
-    th_h, nd_h, tb_h = thresholds(hist, pl.rows_of(kh, shape), int(lo), nb)
-    th_m, nd_m, tb_m = thresholds(hist, pl.rows_of(kh + torch.as_tensor(k_mid), shape), int(lo), nb)
+    th_h, nd_h, tb_h = thresholds(hist, vw.rows_of(kh, shape), int(lo), nb)
+    th_m, nd_m, tb_m = thresholds(hist, vw.rows_of(kh + torch.as_tensor(k_mid), shape), int(lo), nb)
     out = np.empty(d2.shape, np.int8)
-    tiers_kernel(d2, code, cdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, CHUNK)
+    tiers_kernel(d2, vis, vdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, CHUNK)
     return torch.from_numpy(out).view(shape)
+
+
+def _f32_rows(t, shape: tuple[int, ...]) -> np.ndarray:
+    """``t`` broadcast to ``shape`` as a flat float32 array (a view when it already is one)."""
+    t = torch.as_tensor(t).detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if tuple(t.shape) != shape:
+        t = t.expand(shape)
+    return vw.as_numpy(t).reshape(-1)
+
+
+def _given_mid(mid: MidTierInputs, query_shape: tuple[int, int, int], words: int) -> MidTier:
+    """:class:`MidTier` of per-op mid-tier inputs: the query norms and ``q . mu`` are given."""
+    heads = query_shape[1]
+    bits = int(mid.bits)
+    if bits < 1 or bits > 64 * words or words > 2:
+        raise ValueError(f"mid tier needs 1..{64 * words} bits in at most 2 words, got bits={bits}")
+    tab, sumphi = residual_tables(mid.residual, heads, bits)
+    return MidTier(
+        True, NO_MID.center, _f32_rows(mid.query_norm, query_shape), _f32_rows(mid.query_dot_center, query_shape),
+        _f32_rows(mid.temperature, (heads,)), _f32_rows(mid.bias, (heads,)), tab, sumphi, cos_table(bits), bits,
+    )  # fmt: skip
+
+
+def _merge(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, shape, dtype):
+    """Merge the partials into ``[B, H, T, D]`` in ``dtype``; also returns each partial's normalised
+    weight ``factor [rows, chunks, 2]`` (the scale of the chunk's unnormalised high / mid weights)."""
+    nbatch, heads, tokens, dim = shape
+    out = np.empty((nbatch * heads * tokens, dim), np.float32)
+    factor = np.empty(m_part.shape, np.float64)
+    merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, factor)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
+    return (output if dtype == torch.float32 else output.to(dtype)), factor
 
 
 def tiered_attention(
@@ -137,41 +182,128 @@ def tiered_attention(
     the row's high keys, added to the mid logits). ``probs`` is float32 and zero outside high and mid
     (NaN rows where nothing is selected, as torch's softmax of all ``-inf``).
     """
-    pl.check_cpu(query, key, value, tiers)
+    vw.check_cpu(query, key, value, tiers)
     nbatch, heads, tokens, dim = query.shape
     seq = key.shape[2]
     kheads = key.shape[1]
     if seq == 0:  # the reference's softmax over no keys: empty weights, zero output
         return torch.zeros_like(query), torch.zeros(nbatch, heads, tokens, 0)
-    q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
-    tiers_np = pl.as_numpy(tiers.to(torch.int8).expand(nbatch, heads, tokens, seq)).reshape(-1, seq)
+    q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
+    tiers_np = vw.as_numpy(tiers.to(torch.int8).expand(nbatch, heads, tokens, seq)).reshape(-1, seq)
     rows = nbatch * heads * tokens
     if mid is not None:
-        pl.check_cpu(mid.dist, mid.query_codes, mid.key_codes)
-        mdist = pl.dist2d(mid.dist.expand(nbatch, heads, tokens, seq))
-        qcodes = pl.codes_array(mid.query_codes)
+        vw.check_cpu(mid.dist, mid.query_codes, mid.key_codes)
+        mdist = vw.dist2d(mid.dist.expand(nbatch, heads, tokens, seq))
+        qcodes = vw.codes_array(mid.query_codes)
         if mdist.dtype != np.int32:
             mdist = mdist.astype(np.int32)
         if mid.key_codes.shape[:3] != key.shape[:3] or mid.query_codes.shape[:3] != query.shape[:3]:
             raise ValueError("mid.query_codes / mid.key_codes do not match query / key shapes")
-        knorm = pl.f32_keys(mid.key_norm, tuple(key.shape[:3]))
-        keys, vals, kcodes, knorm, half, stride = pl.kv_arrays(key, value, heads, pl.check_codes(mid.key_codes), knorm)
-        margs = pl.mid_arrays(mid, (nbatch, heads, tokens), knorm, qcodes.shape[-1])
+        kv = vw.layer_rows(key, value, heads, mid.key_codes, mid.key_norm)
+        tier = _given_mid(mid, (nbatch, heads, tokens), qcodes.shape[-1])
     else:
-        keys, vals, half, stride = pl.kv_arrays(key, value, heads)
+        kv = vw.layer_rows(key, value, heads)
         mdist = np.zeros((1, 1), np.int32)
         qcodes = np.zeros((nbatch, heads, tokens, 1), np.int64)
-        kcodes = np.zeros((1, 1), np.int64)
-        margs = pl.mid_arrays(None, (nbatch, heads, tokens), None, 1)
-    parts = pl.new_parts(rows, seq, dim, CHUNK)
+        tier = NO_MID
+    nch = max(1, -(-seq // CHUNK))
+    m_part, l_part = np.empty((rows, nch, 2), np.float32), np.empty((rows, nch, 2), np.float64)
+    acc_part, gap_part = np.empty((rows, nch, 2, dim), np.float32), np.empty((rows, nch), np.float64)
+    nhigh_part = np.empty((rows, nch), np.int64)
     probs = np.empty((rows, seq), np.float32)
     attn_tiers_kernel(
-        q, keys, vals, half, kheads, seq, stride, tiers_np, np.float32(scaling), margs[0], mdist, qcodes, kcodes,
-        *margs[1:], *parts, probs, True, CHUNK,
+        q, kv.keys, kv.values, kv.half, kheads, seq, kv.stride, tiers_np, np.float32(scaling), tier.on, mdist,
+        qcodes, kv.codes, tier.query_norm, kv.norms, tier.query_dot_center, tier.temperature, tier.bias,
+        tier.tables, tier.phi_sum, tier.cosines, tier.bits, m_part, l_part, acc_part, gap_part, nhigh_part, probs,
+        True, CHUNK,
     )  # fmt: skip
-    output, factor = pl.merge_parts(parts, margs[0], (nbatch, heads, tokens, dim), query.dtype)
+    output, factor = _merge(m_part, l_part, acc_part, gap_part, nhigh_part, tier.on, (nbatch, heads, tokens, dim),
+                            query.dtype)  # fmt: skip
     scale_probs(probs, tiers_np, factor, CHUNK)
     return output, torch.from_numpy(probs).view(nbatch, heads, tokens, seq)
+
+
+# ------------------------------------------------------------------------ the fused decode step
+
+
+def _run_step(q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scaling, want_weights) -> StepOutputs:
+    """:func:`~dashkv.ops.cpu.step.step_kernel` with its scratch, and its results as tensors."""
+    nbatch, heads, tokens, dim, seq = *shape, q.shape[1], kv.length
+    group = calib.group
+    sel_heads = kv.kv_heads if group else heads
+    scale = heads // kv.kv_heads if group else 1
+    dist = scratch("dist", (nbatch * sel_heads * tokens, seq), vw.dist_dtype(calib.top * scale))
+    calibrating = calib.min_votes > 0 and calib.spatial_step != 0 or calib.temporal_step != 0
+    off_dtype = np.int16 if group else np.int8
+    off = scratch("off", (nbatch * tokens, seq), off_dtype) if calibrating else np.zeros((1, 1), off_dtype)
+    out = np.empty((nbatch * heads * tokens, dim), np.float32)
+    counts, prior_np, probs, tiers = step_kernel(
+        q, qc, (nbatch, heads, tokens), encoder, kv, masks, budget, calib, mid, prior, np.float32(scaling),
+        want_weights, want_weights, dist, off, out, CHUNK,
+    )  # fmt: skip
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
+    prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior.want else None
+    probs_t = torch.from_numpy(probs).view(nbatch, heads, tokens, seq) if want_weights else None
+    tiers_t = None
+    if want_weights:
+        tiers_t = torch.from_numpy(tiers).view(nbatch, sel_heads, tokens, seq)
+        tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
+    return StepOutputs(output, torch.from_numpy(counts), prior_t, probs_t, tiers_t)
+
+
+def _empty_step(query: torch.Tensor, seq_shape: tuple[int, int, int, int], want_prior: bool, want_weights: bool):
+    """A step over no keys, as the reference's: zero output, empty weights and tiers."""
+    nbatch, _, tokens, _ = seq_shape
+    empty = torch.zeros(seq_shape)
+    return StepOutputs(
+        torch.zeros_like(query), torch.zeros(3, dtype=torch.int64),
+        torch.zeros(nbatch, tokens, 0) if want_prior else None,
+        empty if want_weights else None, empty.to(torch.int8) if want_weights else None,
+    )  # fmt: skip
+
+
+_NO_CODES = np.zeros((0, 0, 0, 0), np.int64)
+_NO_PRIOR = np.zeros((1, 1), np.float32)
+
+
+def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
+    """One layer's whole DASH-KV step in one compiled call (see :func:`dashkv.ops.reference.layer_step`):
+    the query codes (in the call where the plan's encoder allows it), distances, consensus, momentum,
+    tiers, attention and the next layer's prior."""
+    prep: Prepared = plan.prepared
+    query = inputs.query
+    vw.check_cpu(query, inputs.key, inputs.value)
+    nbatch, heads, tokens, dim = query.shape
+    seq = inputs.key.shape[2]
+    if seq == 0:
+        return _empty_step(query, (nbatch, heads, tokens, 0), prep.want_prior, prep.want_weights)
+    q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
+    encoder, qc = NO_ENCODER, _NO_CODES
+    if inputs.query_codes is not None:
+        qc = vw.codes_array(inputs.query_codes)
+    elif prep.encoder.on and few_rows(query):
+        encoder = prep.encoder
+    else:
+        qc = vw.codes_array(encode_query(plan.encoder, query))
+    if qc.size and tuple(qc.shape[:3]) != (nbatch, heads, tokens):
+        raise ValueError("codes do not match query / key shapes")
+    if inputs.key_codes.shape[:3] != inputs.key.shape[:3]:
+        raise ValueError("codes do not match query / key shapes")
+    kv = vw.layer_rows(inputs.key, inputs.value, heads, inputs.key_codes, inputs.key_norms if prep.mid.on else None)
+    group = prep.calib.group
+    masks = vw.mask_rows(inputs.visible, inputs.always, (nbatch, kv.kv_heads if group else heads, tokens, seq),
+                         heads, group)  # fmt: skip
+    given = inputs.prior is not None
+    prior = Prior(vw.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq) if given
+                  else _NO_PRIOR, given, prep.decay, prep.want_prior)  # fmt: skip
+    out = _run_step(q, qc, (nbatch, heads, tokens), encoder, kv, masks, prep.budget, prep.calib, prep.mid, prior,
+                    prep.scaling, prep.want_weights)  # fmt: skip
+    return out if query.dtype == torch.float32 else out._replace(output=out.output.to(query.dtype))
+
+
+def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
+    """The whole DASH-KV step of one layer in one fused call (see :func:`dashkv.ops.reference.decode_step`)."""
+    return layer_step(plan_layer(None, settings, mid), inputs)
 
 
 def dash_attention(
@@ -224,7 +356,7 @@ def dash_attention(
     visible, always : Tensor[B, 1 or H, T, S] bool, or None (all visible / none always)
     mid : MidTierInputs or None -- only ``bits``, the norms, ``temperature``, ``bias`` and
         ``residual`` are read (``dist`` and codes come from the fused pass and may be None)
-    return_probs, return_tiers : also return the ``[B, H, T, S]`` probabilities / tiers
+    return_probs, return_tiers : also return the ``[B, H, T, S]`` probabilities / tiers (both or none)
     bits : int or None -- top of one head's distance range; default ``64 W``
     min_votes : int -- cross-head consensus: votes (of all ``H`` heads, or ``Hkv`` groups) a key needs
         for the spatial discount; 0 turns consensus off
@@ -241,173 +373,46 @@ def dash_attention(
     """
     if isinstance(k_high, float) != isinstance(k_mid, float):
         raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
-    tmask = None
-    if temporal is not None:
-        tmask = pl.as_numpy(temporal.to(torch.bool).expand(query.shape[0], 1, query.shape[2], key.shape[2]))
-        tmask = tmask.reshape(-1, key.shape[2]).view(np.uint8)
-    step = FusedStep(k_high, k_mid, bits, min_votes, spatial_step, tmask, temporal_step, share)
-    out = _fused(query, key, value, query_codes, key_codes, scaling, visible, always, mid, step,
-                 return_probs, return_tiers, None)  # fmt: skip
-    return out.output, out.probs, out.tiers
-
-
-_MASKS: list[tuple] = []  # the last few masks' rows: every layer of a forward passes the same mask tensors
-
-
-def _mask_rows(visible, always, shape, heads, group):
-    """Key visibility bytes of the masks as kernel rows (:func:`plumbing.mask_array`), and the number
-    of visible (query head, token, key) triples; kept for the masks of the last few calls, since all
-    layers of a forward share them (a hit needs the very same tensor objects, unmodified)."""
-    for entry in _MASKS:
-        if entry[0] is visible and entry[1] is always and entry[2] == (shape, heads) and entry[3] == (
-            visible is None or visible._version, always is None or always._version
-        ):
-            return entry[4]
-    vis_t = visible if visible is not None else torch.ones(1, 1, 1, shape[3], dtype=torch.bool)
-    codes_t = pl.codes_of(vis_t, always)
-    if group and codes_t.dim() == 4 and codes_t.shape[1] > 1 and codes_t.stride(1) != 0:
-        raise ValueError("share='group' needs visible / always masks shared by all query heads ([B, 1, T, S])")
-    code, cdims = pl.mask_array(codes_t, shape, "visible / always")
-    rows = (code, cdims, int(pl.visible_count(code, cdims, (shape[0], heads, shape[2]))))
-    versions = (visible is None or visible._version, always is None or always._version)
-    _MASKS.insert(0, (visible, always, (shape, heads), versions, rows))
-    del _MASKS[4:]
-    return rows
-
-
-_VISIBLE: list[tuple] = []  # the last mask's rows, shared by the layers of a forward
-
-
-def _visible_rows(visible: torch.Tensor, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``visible [B, 1, T, S]`` as bool rows ``[B*T, S]`` and each row's visible count ``[B*T, 1]``
-    (float32, at least 1: torch multiplies a float32 prior by the count in float32)."""
-    if _VISIBLE and _VISIBLE[0][0] is visible and _VISIBLE[0][1] == (visible._version, shape):
-        return _VISIBLE[0][2]
-    nbatch, tokens, seq = shape
-    rows = pl.as_numpy(visible.expand(nbatch, 1, tokens, seq)).reshape(-1, seq)
-    count = np.maximum(np.count_nonzero(rows, axis=1), 1).astype(np.float32).reshape(-1, 1)
-    _VISIBLE[:] = [(visible, (visible._version, shape), (rows, count))]
-    return rows, count
-
-
-class FusedStep(NamedTuple):
-    """Settings of one fused call (see :func:`dash_attention`); ``temporal`` is the momentum mask as
-    ``[B*T, S]`` uint8 rows, or None."""
-
-    k_high: torch.Tensor | float
-    k_mid: torch.Tensor | float
-    bits: int | None
-    min_votes: int
-    spatial_step: int
-    temporal: np.ndarray | None
-    temporal_step: int
-    share: str
-
-
-class PriorUpdate(NamedTuple):
-    """The momentum prior to update in the same call: ``prior [B*T, S]`` float32 rows or None, ``decay``."""
-
-    prior: np.ndarray | None
-    decay: float
-
-
-def _fused(query, key, value, query_codes, key_codes, scaling, visible, always, mid, step: FusedStep,
-           return_probs, return_tiers, prior: PriorUpdate | None, center=None) -> StepOutputs:  # fmt: skip
-    # center: the key centres [Hkv, D] float32 when mid's query_norm / query_dot_center are None (the
-    # compiled step computes them)
-    pl.check_cpu(query, key, value, query_codes, key_codes)
+    if share not in ("head", "group"):
+        raise ValueError(f"share={share!r} is not supported; choose 'head' or 'group'")
+    if spatial_step > 0 or temporal_step > 0:
+        raise ValueError(f"discounts must be <= 0, got spatial_step={spatial_step}, temporal_step={temporal_step}")
+    vw.check_cpu(query, key, value, query_codes, key_codes)
     nbatch, heads, tokens, dim = query.shape
     kheads, seq = key.shape[1], key.shape[2]
-    words = query_codes.shape[-1]
-    shape = (nbatch, heads, tokens, seq)
-    group = step.share == "group"
-    if step.share not in ("head", "group"):
-        raise ValueError(f"share={step.share!r} is not supported; choose 'head' or 'group'")
-    if seq == 0:  # as the reference steps: empty weights and tiers, zero output
-        empty = torch.zeros(shape)
-        return StepOutputs(
-            torch.zeros_like(query), torch.zeros(3, dtype=torch.int64),
-            torch.zeros(nbatch, tokens, 0) if prior is not None else None,
-            empty if return_probs else None, empty.to(torch.int8) if return_tiers else None,
-        )  # fmt: skip
-    if tuple(query_codes.shape[:3]) != shape[:3] or key_codes.shape[:3] != key.shape[:3]:
+    want = return_probs or return_tiers
+    if seq == 0:
+        out = _empty_step(query, (nbatch, heads, tokens, 0), False, want)
+        return out.output, out.probs, out.tiers
+    if tuple(query_codes.shape[:3]) != (nbatch, heads, tokens) or key_codes.shape[:3] != key.shape[:3]:
         raise ValueError("codes do not match query / key shapes")
-    if step.spatial_step > 0 or step.temporal_step > 0:
-        raise ValueError(
-            f"discounts must be <= 0, got spatial_step={step.spatial_step}, temporal_step={step.temporal_step}"
-        )
-    top = 64 * words if step.bits is None else int(step.bits)
-    qc = pl.codes_array(query_codes)
-    knorm = pl.f32_keys(mid.key_norm, tuple(key.shape[:3])) if mid is not None else None
-    per_key = (pl.check_codes(key_codes),) + ((knorm,) if knorm is not None else ())
-    keys, vals, kc, *rest, half, stride = pl.kv_arrays(key, value, heads, *per_key)
-    q = pl.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
-    sel_heads = kheads if group else heads
-    code, cdims, visible_total = _mask_rows(visible, always, (nbatch, sel_heads, tokens, seq), heads, group)
-    fractions = isinstance(step.k_high, float)
-    if fractions:
-        kh = km = _NO_ROWS
+    group = share == "group"
+    words = query_codes.shape[-1]
+    kv = vw.layer_rows(key, value, heads, key_codes, mid.key_norm if mid is not None else None)
+    masks = vw.mask_rows(visible, always, (nbatch, kheads if group else heads, tokens, seq), heads, group)
+    if isinstance(k_high, float):
+        budget = Budget(True, k_high, k_mid, NO_ROWS, NO_ROWS)
     else:
-        kh, km = pl.rows_of(step.k_high, shape), pl.rows_of(step.k_mid, shape)
+        shape = (nbatch, heads, tokens)
+        kh, km = vw.rows_of(k_high, shape), vw.rows_of(k_mid, shape)
         if group:  # per selection row: the counts of each group's first head
             kh = kh.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
             km = km.reshape(nbatch, kheads, heads // kheads, tokens)[:, :, 0].reshape(-1)
-    scale = heads // kheads if group else 1
-    dist = pl.scratch("dist", (nbatch * sel_heads * tokens, seq), pl.dist_dtype(top * scale))
-    calibrating = step.spatial_step != 0 or step.temporal is not None
-    off_dtype = np.int16 if group else np.int8
-    off = pl.scratch("off", (nbatch * tokens, seq), off_dtype) if calibrating else np.zeros((1, 1), off_dtype)
-    margs = pl.mid_arrays(mid, (nbatch, heads, tokens), rest[0] if rest else None, words)
-    out = np.empty((nbatch * heads * tokens, dim), np.float32)
-    want_prior = prior is not None
-    has_prior = want_prior and prior.prior is not None
-    counts, prior_np, probs, tiers = step_kernel(
-        q, qc, kc, keys, vals, half, kheads, seq, stride, code, cdims, visible_total,
-        fractions, float(step.k_high) if fractions else 0.0, float(step.k_mid) if fractions else 0.0, kh, km,
-        top, group, np.float32(scaling), int(step.min_votes), int(step.spatial_step),
-        step.temporal if step.temporal is not None else _NO_MASK, step.temporal is not None, int(step.temporal_step), off,
-        margs[0], margs[2], _NO_CENTER if center is None else center, margs[1], margs[3], *margs[4:],
-        prior.prior if has_prior else _NO_PRIOR, has_prior, prior.decay if want_prior else 0.0, want_prior,
-        return_probs, return_tiers, dist, out, CHUNK,
-    )  # fmt: skip
-    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
-    output = output if query.dtype == torch.float32 else output.to(query.dtype)
-    prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if want_prior else None
-    probs_t = torch.from_numpy(probs).view(shape) if return_probs else None
-    tiers_t = None
-    if return_tiers:
-        tiers_t = torch.from_numpy(tiers).view(nbatch, sel_heads, tokens, seq)
-        tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
-    return StepOutputs(output, torch.from_numpy(counts), prior_t, probs_t, tiers_t)
+        budget = Budget(False, 0.0, 0.0, np.ascontiguousarray(kh), np.ascontiguousarray(km))
+    tmask = NO_MASK
+    if temporal is not None:
+        tmask = vw.as_numpy(temporal.to(torch.bool).expand(nbatch, 1, tokens, seq)).reshape(-1, seq).view(np.uint8)
+    calib = Calibration(64 * words if bits is None else int(bits), group, int(min_votes), int(spatial_step),
+                        int(temporal_step), 0.0, tmask, temporal is not None)  # fmt: skip
+    tier = _given_mid(mid, (nbatch, heads, tokens), words) if mid is not None else NO_MID
+    q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
+    out = _run_step(q, vw.codes_array(query_codes), (nbatch, heads, tokens), NO_ENCODER, kv, masks, budget, calib,
+                    tier, Prior(_NO_PRIOR, False, 0.0, False), scaling, want)  # fmt: skip
+    output = out.output if query.dtype == torch.float32 else out.output.to(query.dtype)
+    return output, out.probs if return_probs else None, out.tiers if return_tiers else None
 
 
-_NO_ROWS = np.zeros(1, np.int64)
-_NO_MASK = np.zeros((1, 1), np.uint8)
-_NO_CENTER = np.zeros((1, 1), np.float32)
-_NO_PRIOR = np.zeros((1, 1), np.float32)
-
-
-def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
-    """The whole DASH-KV step of one layer in one fused call (see :func:`dashkv.ops.reference.decode_step`)."""
-    q = inputs.query
-    nbatch, _, tokens, _ = q.shape
-    seq = inputs.key.shape[2]
-    mid_inputs = center = None
-    if mid is not None and settings.mid > 0:  # |q| and q . mu are computed in the compiled step
-        center = pl.as_numpy(mid.key_center.detach().to(torch.float32)).reshape(inputs.key.shape[1], -1)
-        mid_inputs = MidTierInputs(
-            None, None, None, settings.bits, None, inputs.key_norms, None, mid.temperature, mid.bias, mid.residual
-        )
-    prior = None
-    if inputs.prior is not None:
-        prior = pl.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq)
-    tmask = None
-    if prior is not None and settings.temporal_step != 0:  # momentum: dashkv.calibration.momentum_mask
-        vis, count = _visible_rows(inputs.visible, (nbatch, tokens, seq))
-        tmask = momentum_rows(prior, vis, count, settings.momentum_ratio)
-    step = FusedStep(float(settings.high), float(settings.mid), settings.bits, settings.min_votes,
-                     settings.spatial_step, tmask, settings.temporal_step, settings.share)  # fmt: skip
-    update = PriorUpdate(prior, settings.momentum_decay) if settings.want_prior else None
-    return _fused(q, inputs.key, inputs.value, inputs.query_codes, inputs.key_codes, settings.scaling,
-                  inputs.visible, inputs.always, mid_inputs, step, settings.want_weights, settings.want_weights,
-                  update, center)  # fmt: skip
+__all__ = [
+    "CHUNK", "assign_tiers", "code_scan_plan", "dash_attention", "decode_step", "hamming_distance",
+    "kth_smallest", "layer_step", "plan_layer", "select_smallest", "tiered_attention",
+]  # fmt: skip

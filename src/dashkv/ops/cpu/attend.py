@@ -18,6 +18,18 @@ from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, prefe
 from dashkv.ops.reference import HIGH, MID
 
 
+@njit(fastmath=FASTMATH, inline="always", **JIT)
+def _word_residual(th, j0, x):
+    """Bit weights of the set bits of word ``x``: 8 byte-table lookups (``th[j0:j0 + 8]``), summed as a
+    tree so that the lookups of one key do not wait on each other's adds."""
+    m = np.uint64(255)
+    a = th[j0, np.uintp(x & m)] + th[j0 + 1, np.uintp((x >> np.uint64(8)) & m)]
+    b = th[j0 + 2, np.uintp((x >> np.uint64(16)) & m)] + th[j0 + 3, np.uintp((x >> np.uint64(24)) & m)]
+    c = th[j0 + 4, np.uintp((x >> np.uint64(32)) & m)] + th[j0 + 5, np.uintp((x >> np.uint64(40)) & m)]
+    d = th[j0 + 6, np.uintp((x >> np.uint64(48)) & m)] + th[j0 + 7, np.uintp(x >> np.uint64(56))]
+    return (a + b) + (c + d)
+
+
 @njit(fastmath=FASTMATH, **JIT)
 def estimates(
     lo, hi, idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling, out,
@@ -47,14 +59,9 @@ def estimates(
         else:
             cos = np.float32(math.cos(np.float32(math.pi) * np.float32(d) / np.float32(bits)))
         logit = (qdc_row + a_row * knorm[krow] * cos) * scaling + bias_h
-        x = np.uint64(q0 ^ kc[krow, 0])
-        res = np.float32(0.0)
-        for j in range(8):
-            res += th[j, (x >> np.uint64(8 * j)) & np.uint64(255)]
+        res = _word_residual(th, 0, np.uint64(q0 ^ kc[krow, 0]))
         if two_words:
-            x = np.uint64(q1 ^ kc[krow, 1])
-            for j in range(8):
-                res += th[8 + j, (x >> np.uint64(8 * j)) & np.uint64(255)]
+            res += _word_residual(th, 8, np.uint64(q1 ^ kc[krow, 1]))
         out[ui] = logit + (sum_h - np.float32(2.0) * res)
 
 
@@ -196,42 +203,6 @@ def scale_probs(probs, tiers, factor, chunk):
             us = np.uintp(s)
             probs[r, us] *= f_mid if tiers[r, us] == MID else f_high
     return probs
-
-
-@njit(fastmath=FASTMATH, **PJIT)
-def weights_kernel(probs, tiers, factor, heads, kheads, tokens, group, chunk, keep, prior, has_prior, decay, out):
-    """Normalise the chunks' unnormalised weights (``probs [B*H*T, S]``, ``factor[row, chunk, tier]``;
-    the tier of a key read from its selection row: per (batch, KV head, token) with ``group``), in
-    place if ``keep``, and write the next layer's prior ``out [B*T, S] = decay * prior + (1 - decay)
-    * mean_h(weights)`` (``mean_h`` alone without ``has_prior``). One task is a (batch, token, chunk)."""
-    seq = probs.shape[1]
-    nch = factor.shape[1]
-    groups = heads // kheads
-    nbt = out.shape[0]
-    for task in prange(nbt * nch):
-        o = task // nch
-        c = task % nch
-        b = o // tokens
-        t = o % tokens
-        s0 = c * chunk
-        s1 = min(seq, s0 + chunk)
-        acc = np.zeros(s1 - s0, np.float32)
-        for h in range(heads):
-            row = np.uintp((b * heads + h) * tokens + t)
-            srow = np.uintp((b * kheads + h // groups) * tokens + t) if group else row
-            f_high = np.float32(factor[row, c, 0])
-            f_mid = np.float32(factor[row, c, 1])
-            for i in range(s1 - s0):
-                s = np.uintp(s0 + i)
-                p = probs[row, s] * (f_mid if tiers[srow, s] == MID else f_high)
-                if keep:
-                    probs[row, s] = p
-                acc[i] += p
-        inv = np.float32(1.0) / np.float32(heads)
-        for i in range(s1 - s0):
-            s = np.uintp(s0 + i)
-            current = acc[i] * inv
-            out[np.uintp(o), s] = decay * prior[np.uintp(o), s] + (np.float32(1.0) - decay) * current if has_prior else current
 
 
 @njit(fastmath=FASTMATH, **PJIT)

@@ -11,6 +11,7 @@ so a bit whose projection lies within rounding of 0 may differ (tested: only suc
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -126,31 +127,67 @@ def key_codes_kernel(k, kheads, tokens, center, proj_w, out, norms):
     _pack(proj, out)
 
 
-def _weights(encoder) -> dict[str, np.ndarray]:
-    """Float32 numpy copies of the encoder's weights, rebuilt when a parameter changed (training
-    steps bump each tensor's version counter)."""
-    held = getattr(encoder, "_cpu_kernel_weights", None)
-    if held is not None and held[0] == tuple((p.data_ptr(), p._version) for p in held[2]):
-        return held[1]
-    params = list(encoder.query_mlp.parameters()) + [encoder.query_skip, encoder.key_proj, encoder.key_center]
-    stamp = tuple((p.data_ptr(), p._version) for p in params)
+class QueryEncoder(NamedTuple):
+    """A layer's query encoder as float32 arrays (:class:`dashkv.encoders.LayerHashEncoder`: the MLP's
+    three linear layers and the per-head skip ``[H, R, D]``); ``on`` False: not a compiled encoder's."""
+
+    on: bool
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    w3: np.ndarray
+    b3: np.ndarray
+    skip: np.ndarray
+
+
+_F1 = np.zeros(1, np.float32)
+NO_ENCODER = QueryEncoder(False, *(np.zeros((1, 1), np.float32), _F1) * 3, np.zeros((1, 1, 1), np.float32))
+
+
+def compiled_encoder(encoder) -> bool:
+    """Whether the compiled query encoder implements ``encoder``'s: the 3-layer MLP with exact GELUs of
+    :class:`dashkv.encoders.LayerHashEncoder`."""
+    mlp = getattr(encoder, "query_mlp", None)
+    return (
+        mlp is not None and len(mlp) == 5
+        and all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in (mlp[1], mlp[3]))
+    )  # fmt: skip
+
+
+def few_rows(t: torch.Tensor) -> bool:
+    """A few CPU rows ``[B, heads, T, ...]`` outside autograd: the compiled encoders' case."""
+    return t.device.type == "cpu" and t.shape[0] * t.shape[1] * t.shape[2] <= MAX_ROWS and not torch.is_grad_enabled()
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+
+
+def _kept(encoder, name: str, tensors: list[torch.Tensor], make):
+    """``make()``, kept on ``encoder`` until one of ``tensors`` changes (storage or version counter:
+    training steps bump it)."""
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+    held = encoder.__dict__.get(name)
+    if held is None or held[0] != stamp:
+        held = (stamp, make())
+        encoder.__dict__[name] = held
+    return held[1]
+
+
+def query_encoder(encoder) -> QueryEncoder:
+    """The query encoder's weights as float32 arrays, or :data:`NO_ENCODER` where they cannot run here."""
+    if encoder is None or not compiled_encoder(encoder):
+        return NO_ENCODER
     lin = [m for m in encoder.query_mlp if isinstance(m, torch.nn.Linear)]
-    arr = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())  # noqa: E731
-    weights = {
-        "w1": arr(lin[0].weight), "b1": arr(lin[0].bias), "w2": arr(lin[1].weight), "b2": arr(lin[1].bias),
-        "w3": arr(lin[2].weight), "b3": arr(lin[2].bias), "skip": arr(encoder.query_skip),
-        "key_proj": arr(encoder.key_proj), "key_center": arr(encoder.key_center),
-    }  # fmt: skip
-    encoder._cpu_kernel_weights = (stamp, weights, params)
-    return weights
+    params = [t for m in lin for t in (m.weight, m.bias)] + [encoder.query_skip]
+    return _kept(encoder, "_cpu_query_encoder", params, lambda: QueryEncoder(True, *map(_f32, params)))
 
 
-def _fits(encoder, t: torch.Tensor) -> bool:
-    """A few CPU rows, outside autograd, of the MLP the kernels implement (exact GELUs)."""
-    if t.device.type != "cpu" or t.shape[0] * t.shape[1] * t.shape[2] > MAX_ROWS or torch.is_grad_enabled():
-        return False
-    mlp = encoder.query_mlp
-    return len(mlp) == 5 and all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in (mlp[1], mlp[3]))
+def key_encoder(encoder) -> tuple[np.ndarray, np.ndarray]:
+    """``(key_center [Hkv, D], key_proj [Hkv, R, D])`` as float32 arrays."""
+    params = [encoder.key_center, encoder.key_proj]
+    return _kept(encoder, "_cpu_key_encoder", params, lambda: tuple(map(_f32, params)))
 
 
 def _rows(t: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,22 +198,22 @@ def _rows(t: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 def encode_query(encoder, query: torch.Tensor) -> torch.Tensor:
     """Packed query codes ``[B, H, T, W]`` int64 (as ``encoder.encode_query``)."""
-    if not _fits(encoder, query):
+    weights = query_encoder(encoder) if few_rows(query) else NO_ENCODER
+    if not weights.on:
         return encoder.encode_query(query)
     nbatch, heads, tokens, _ = query.shape
-    w = _weights(encoder)
     q, out = _rows(query, encoder.bits)
-    query_codes_kernel(q, heads, tokens, w["w1"], w["b1"], w["w2"], w["b2"], w["w3"], w["b3"], w["skip"], out)
+    query_codes_kernel(q, heads, tokens, *weights[1:], out)
     return torch.from_numpy(out).view(nbatch, heads, tokens, -1)
 
 
 def encode_key(encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed key codes ``[B, Hkv, T, W]`` int64 and centred norms ``[B, Hkv, T]`` (as ``encoder.encode_key``)."""
-    if not _fits(encoder, key):
+    if not few_rows(key):
         return encoder.encode_key(key)
     nbatch, kheads, tokens, _ = key.shape
-    w = _weights(encoder)
-    k, out = _rows(key, encoder.bits)
+    center, proj = key_encoder(encoder)
+    k, out = _rows(key, proj.shape[1])
     norms = np.empty(k.shape[0], np.float32)
-    key_codes_kernel(k, kheads, tokens, w["key_center"], w["key_proj"], out, norms)
+    key_codes_kernel(k, kheads, tokens, center, proj, out, norms)
     return torch.from_numpy(out).view(nbatch, kheads, tokens, -1), torch.from_numpy(norms).view(nbatch, kheads, tokens)

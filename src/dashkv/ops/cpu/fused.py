@@ -1,5 +1,9 @@
-"""The fused decode step: distances, calibration, tiers and attention without dense ``[B, H, T, S]``
-intermediates (see :func:`dashkv.ops.cpu.api.dash_attention`).
+"""The passes of the fused decode step: distances, calibration, tiers and attention without dense
+``[B, H, T, S]`` intermediates (run in order by :func:`dashkv.ops.cpu.step.step_kernel`).
+
+The passes take the step's arrays as named tuples (:class:`~dashkv.ops.cpu.views.KeyRows`,
+:class:`~dashkv.ops.cpu.views.MaskRows`, :class:`~dashkv.ops.cpu.step.MidTier`, ...); ``vis`` is a
+mask's visibility bytes (0 hidden, 1 eligible, 2 always high), ``qc`` / ``kc`` are hash codes.
 """
 
 from __future__ import annotations
@@ -9,56 +13,8 @@ from numba import njit, prange
 
 from dashkv.ops.cpu.attend import attend_chunk
 from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, mask_row, popcount, task_span
+from dashkv.ops.cpu.select import hamming_row
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
-
-
-@njit(**JIT)
-def _row_distances(qc, b, h, t, kc, kbase, s0, s1, out, row):
-    """Hamming distances of one query code to keys ``s0:s1`` into ``out[row, s0:s1]``; one loop per
-    word count, so that each vectorises (``vpopcntq`` where the CPU has it). ``out`` is passed whole:
-    a row slice would be typed as a non-contiguous array and the loops would not vectorise.
-
-    Hot loops here index with ``np.uintp``: numba wraps negative signed indices around, and that
-    check alone keeps LLVM from vectorising a loop (4-5x slower)."""
-    words = kc.shape[1]
-    q0 = qc[b, h, t, 0]
-    r = np.uintp(row)
-    if words == 1:
-        for s in range(s0, s1):
-            out[r, np.uintp(s)] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
-    elif words == 2:
-        q1 = qc[b, h, t, 1]
-        for s in range(s0, s1):
-            k = np.uintp(kbase + s)
-            out[r, np.uintp(s)] = popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
-    else:
-        for s in range(s0, s1):
-            acc = 0
-            for w in range(words):
-                acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
-            out[r, np.uintp(s)] = acc
-
-
-@njit(**JIT)
-def _row_distances_add(qc, b, h, t, kc, kbase, s0, s1, out, row):
-    """:func:`_row_distances`, added to ``out[row, s0:s1]`` (a GQA group's summed distances)."""
-    words = kc.shape[1]
-    q0 = qc[b, h, t, 0]
-    r = np.uintp(row)
-    if words == 1:
-        for s in range(s0, s1):
-            out[r, np.uintp(s)] += popcount(q0 ^ kc[np.uintp(kbase + s), 0])
-    elif words == 2:
-        q1 = qc[b, h, t, 1]
-        for s in range(s0, s1):
-            k = np.uintp(kbase + s)
-            out[r, np.uintp(s)] += popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
-    else:
-        for s in range(s0, s1):
-            acc = 0
-            for w in range(words):
-                acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
-            out[r, np.uintp(s)] += acc
 
 
 @njit(**JIT)
@@ -77,15 +33,16 @@ def _count(bins, loc, nbe):
         loc[np.uintp(bins[i])] += 1
 
 
-
 @njit(**PJIT)
-def distance_kernel(qc, kc, kheads, seq, kstride, code, cdims, nb, dist, hist, chunk, group):
-    """Raw Hamming distances of every row into ``dist [B*H*T, S]`` (one byte a key where ``64 W < 255``)
-    and per (row, chunk) histograms of the eligible keys (``code == 1``), bins of :func:`thresholds`
-    with ``lo = 0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory
-    once for the whole GQA group. ``group``: rows are (batch, KV head, token) and hold the distances
-    summed over the group's query heads (``dist [B*Hkv*T, S]``)."""
+def distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group):
+    """Raw Hamming distances of every query row into ``dist [B*H*T, S]`` (one byte a key where ``64 W <
+    255``) and per (row, chunk) histograms of the eligible keys, bins of :func:`thresholds` with ``lo =
+    0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory once for the
+    whole GQA group. ``group``: rows are (batch, KV head, token) and hold the distances summed over the
+    group's query heads (``dist [B*Hkv*T, S]``)."""
     nbatch, heads, tokens, words = qc.shape
+    kc, vis, vdims = rows.codes, masks.vis, masks.dims
+    kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
     kbatch = kc.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
@@ -99,36 +56,35 @@ def distance_kernel(qc, kc, kheads, seq, kstride, code, cdims, nb, dist, hist, c
             h = kvh * groups + g
             for t in range(tokens):
                 row = (b * kheads + kvh) * tokens + t if group else (b * heads + h) * tokens + t
-                mr = mask_row(row, cdims)
-                _row_distances(qc, b, h, t, kc, kbase, s0, s1, dist, row)
+                mr = mask_row(row, vdims)
+                hamming_row(qc, b, h, t, kc, kbase, s0, s1, dist, row, False)
                 for extra in range(1, groups if group else 1):  # the group's other heads, summed
-                    _row_distances_add(qc, b, h + extra, t, kc, kbase, s0, s1, dist, row)
+                    hamming_row(qc, b, h + extra, t, kc, kbase, s0, s1, dist, row, True)
                 r, m = np.uintp(row), np.uintp(mr)
                 for i in range(s1 - s0):  # vectorised
                     s = np.uintp(s0 + i)
-                    bins[i] = min(np.int32(dist[r, s]) + 1, nb + 2) if code[m, s] == 1 else trash
+                    bins[i] = min(np.int32(dist[r, s]) + 1, nb + 2) if vis[m, s] == 1 else trash
                 _count(bins, loc, nbe)
                 for j in range(nbe):
                     hist[row, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
 
 
 @njit(**PJIT)
-def calibrate_kernel(
-    dist, code, cdims, heads, tokens, thr, need, tie_base, min_votes, step_s,
-    temporal, has_temporal, step_t, off, lo, nb, raw_hist, hist, chunk,
-):  # fmt: skip
+def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, temporal, has_temporal, step_t,
+                     off, lo, nb, raw_hist, hist, chunk):  # fmt: skip
     """Cross-head consensus and momentum discounts (:mod:`dashkv.calibration`) without dense masks.
 
-    Votes: per key, the heads whose exact selection of ``k_high`` smallest raw distances (thresholds
-    ``thr, need, tie_base`` from the raw histograms ``raw_hist``; ``min_votes == 0`` turns consensus
-    off) contains it. Writes the per-key offset ``off[(b, t), s] = step_s [votes >= min_votes] +
-    step_t [temporal]`` and per (row, chunk) histograms of the calibrated distances ``raw + off``
-    (bins of :func:`thresholds` with ``lo``). One task is a (batch, token, chunk): votes span all
-    heads.
+    Votes: per key, the heads whose exact selection of ``k_high`` smallest raw distances (``votes_at``:
+    thresholds, ties needed and tie bases of the raw histograms ``raw_hist``; ``min_votes == 0`` turns
+    consensus off) contains it. Writes the per-key offset ``off[(b, t), s] = step_s [votes >=
+    min_votes] + step_t [temporal]`` and per (row, chunk) histograms of the calibrated distances ``raw
+    + off`` (bins of :func:`thresholds` with ``lo``). One task is a (batch, token, chunk): votes span
+    all heads.
 
-    The calibrated histograms are the raw ones (bins moved by ``-lo``) corrected for the keys with
-    an offset (few: voted or with a strong prior), listed once per chunk: 9 heads' worth of counting over every key became a copy
-    and a pass over the moved keys (the kernel at 32K keys: 184 -> 121 us)."""
+    The calibrated histograms are the raw ones (bins moved by ``-lo``) corrected for the keys with an
+    offset (few: voted or with a strong prior), listed once per chunk."""
+    vis, vdims = masks.vis, masks.dims
+    thr, need, tie_base = votes_at
     rows, seq = dist.shape
     nbatch = rows // (heads * tokens)
     nch = (seq + chunk - 1) // chunk
@@ -145,18 +101,18 @@ def calibrate_kernel(
         if min_votes > 0:
             for h in range(heads):
                 row = (b * heads + h) * tokens + t
-                mr = mask_row(row, cdims)
+                mr = mask_row(row, vdims)
                 th = thr[row]
                 nd = need[row]
                 cnt = tie_base[row, c]
                 r, m = np.uintp(row), np.uintp(mr)
                 for i in range(s1 - s0):  # below the threshold (vectorised)
                     s = np.uintp(s0 + i)
-                    votes[i] += np.int32((code[m, s] == 1) & (np.int64(dist[r, s]) < th))
+                    votes[i] += np.int32((vis[m, s] == 1) & (np.int64(dist[r, s]) < th))
                 for s in range(s1 - 1, s0 - 1, -1):  # ties: latest first, as select_smallest
                     if cnt >= nd:
                         break
-                    if code[m, np.uintp(s)] == 1 and np.int64(dist[r, np.uintp(s)]) == th:
+                    if vis[m, np.uintp(s)] == 1 and np.int64(dist[r, np.uintp(s)]) == th:
                         cnt += 1
                         votes[s - s0] += 1
         trow = np.uintp(orow % temporal.shape[0])
@@ -172,7 +128,7 @@ def calibrate_kernel(
             n_moved += np.int64(o != 0)
         for h in range(heads):
             row = (b * heads + h) * tokens + t
-            mr = mask_row(row, cdims)
+            mr = mask_row(row, vdims)
             r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
             for j in range(nb + 4):
                 hist[row, c, j] = 0
@@ -181,31 +137,38 @@ def calibrate_kernel(
             hist[row, c, nb + 3] = raw_hist[row, c, raw_bins - 1]
             for i in range(n_moved):
                 s = np.uintp(moved[np.uintp(i)])
-                if code[m, s] == 1:
+                if vis[m, s] == 1:
                     raw = np.int64(dist[r, s])
                     hist[row, c, raw + 1 - lo] -= 1
                     hist[row, c, min(max(raw + off[o, s] - lo + 1, 0), nb + 2)] += 1
 
 
 @njit(fastmath=FASTMATH, **PJIT)
-def attend_kernel(
-    q, qc, kc, dist, off, has_off, keys, vals, half, kheads, seq, kstride, code, cdims, scaling,
-    th_h, nd_h, tb_h, th_m, nd_m, tb_m, group,
-    has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-    m_part, l_part, acc_part, gap_part, nhigh_part, nmid_part, probs, want_probs, tiers, want_tiers, chunk,
-):  # fmt: skip
-    """Tiers from the thresholds of the (calibrated) distances ``dist + off``, then split-softmax
-    attention over the chunk's high and mid keys (:func:`dashkv.ops.cpu.attend.attend_chunk`); the mid
-    estimate reads the raw distance. One task is a (batch, KV head, chunk).
+def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, scaling, parts, tiers, want_tiers,
+                  chunk):  # fmt: skip
+    """Tiers from the thresholds of the (calibrated) distances ``dist + off`` (``tiers_at``: the high
+    and the high-or-mid thresholds, ties needed and tie bases), then split-softmax attention over the
+    chunk's high and mid keys (:func:`dashkv.ops.cpu.attend.attend_chunk`); the mid estimate reads the
+    raw distance. One task is a (batch, KV head, chunk).
 
     ``group``: ``dist``, the thresholds, the mask rows and ``tiers`` are per (batch, KV head, token)
     (:func:`selection_row`): the group's query heads share one selection, made once, and each head's
     own raw distances of the selected keys (for the mid estimate) are recomputed from the codes.
-    ``nhigh_part`` / ``nmid_part`` count each (row, chunk)'s high and mid keys."""
+
+    Writes ``parts`` (:class:`~dashkv.ops.cpu.step.Partials`): each (row, chunk)'s softmax partials,
+    high and mid counts, and its selected keys (high first) with their unnormalised weights, read
+    back by the merge, the prior and the dense weights."""
     nbatch, heads, tokens, words = qc.shape
+    keys, vals, kc, knorm, half = rows.keys, rows.values, rows.codes, rows.norms, rows.half
+    kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m = tiers_at
+    # written arrays as locals: numba loses a prange body's writes through a tuple's attribute
+    m_part, l_part, acc_part, gap_part = parts.m, parts.l, parts.acc, parts.gap
+    nhigh_part, nmid_part, nkept_part, kept_keys, kept_weights = parts.nhigh, parts.nmid, parts.nkept, parts.keys, parts.weights
     kbatch = keys.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
+    keep = kept_keys.shape[0] == nbatch * heads * tokens and kept_keys.shape[1] == seq  # for the prior / weights
     for task in prange(nbatch * kheads * nch):
         b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         flag = np.empty(s1 - s0, np.uint8)
@@ -224,10 +187,10 @@ def attend_kernel(
                 if g == 0 or not group:
                     srow = selection_row(b, kvh, g, t, kheads, groups, tokens, group)
                     nh, nm, n_mid = _select_chunk(
-                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, code, cdims,
-                        th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, flag, cand, idx, dd,
+                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks,
+                        th_h, nd_h, tb_h, th_m, nd_m, tb_m, mid.on, tiers, want_tiers, flag, cand, idx, dd,
                     )  # fmt: skip
-                if group and has_mid:  # this head's own raw distances of the shared selection
+                if group and mid.on:  # this head's own raw distances of the shared selection
                     for i in range(nh + nm):
                         krow = np.uintp(kbase + idx[np.uintp(i)])
                         d = popcount(q0 ^ kc[krow, 0])
@@ -235,19 +198,21 @@ def attend_kernel(
                             d += popcount(q1 ^ kc[krow, 1])
                         dd[np.uintp(i)] = d
                 a_row = qdc_row = np.float32(0.0)
-                if has_mid:
-                    a_row = temp[h] * qnorm[row]
-                    qdc_row = qdc[row]
-                if want_probs:
-                    for i in range(s1 - s0):
-                        probs[np.uintp(row), np.uintp(s0 + i)] = 0.0
+                if mid.on:
+                    a_row = mid.temperature[h] * mid.query_norm[row]
+                    qdc_row = mid.query_dot_center[row]
                 gap_part[row, c] = attend_chunk(
                     q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
-                    has_mid, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
-                    m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
+                    mid.on, h, q0, q1, kc, a_row, qdc_row, knorm, mid.bias, mid.tables, mid.phi_sum,
+                    mid.cosines, mid.bits, m_part[row, c], l_part[row, c], acc_part[row, c], kept_weights, False,
                 )  # fmt: skip
                 nhigh_part[row, c] = nh
                 nmid_part[row, c] = n_mid
+                nkept_part[row, c] = nh + nm
+                if keep:  # after the softmax, logit holds each selected key's exp(logit - chunk max)
+                    for i in range(nh + nm):
+                        kept_keys[np.uintp(row), np.uintp(s0 + i)] = idx[np.uintp(i)]
+                        kept_weights[np.uintp(row), np.uintp(s0 + i)] = logit[np.uintp(i)]
 
 
 @njit(inline="always", **JIT)
@@ -260,13 +225,14 @@ def selection_row(b, kvh, g, t, kheads, groups, tokens, group):
 
 @njit(**JIT)
 def _select_chunk(
-    srow, b, t, tokens, s0, s1, c, dist, off, has_off, code, cdims,
+    srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks,
     th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, flag, cand, idx, dd,
 ):  # fmt: skip
     """One selection row's high keys into ``idx[:nh]`` and mid keys into ``idx[nh:nh + nm]`` (their raw
     distances in ``dd``; the mid keys only where ``has_mid``), tiers written if wanted. Returns
     ``(nh, nm, mid keys)``."""
-    mr = mask_row(srow, cdims)
+    vis = masks.vis
+    mr = mask_row(srow, masks.dims)
     th = th_h[srow]
     tm = th_m[srow]
     tcand = max(th, tm)
@@ -275,7 +241,7 @@ def _select_chunk(
     # branch-free compaction, latest first
     for i in range(s1 - s0):
         s = np.uintp(s0 + i)
-        k = code[m, s]
+        k = vis[m, s]
         d = np.int64(dist[r, s]) + (off[o, s] if has_off else 0)
         flag[i] = (k == 2) | ((k == 1) & (d <= tcand))
     n = 0
@@ -285,7 +251,7 @@ def _select_chunk(
     if want_tiers:
         for i in range(s1 - s0):
             s = np.uintp(s0 + i)
-            tiers[r, s] = LOW if code[m, s] else HIDDEN
+            tiers[r, s] = LOW if vis[m, s] else HIDDEN
     # tiers of the candidates (ties: later positions first); high to idx, mid to the front of cand
     cnt_h = tb_h[srow, c]
     cnt_m = tb_m[srow, c]
@@ -299,7 +265,7 @@ def _select_chunk(
         us = np.uintp(s)
         raw = np.int64(dist[r, us])
         d = raw + off[o, us] if has_off else raw
-        pinned = code[m, us] == 2
+        pinned = vis[m, us] == 2
         tie_h = (d == th) & ~pinned
         tie_m = (d == tm) & ~pinned
         cnt_h += np.int64(tie_h)

@@ -57,11 +57,47 @@ def thresholds(hist, kvals, lo, nb):
     return thr, need, tie_base
 
 
+@njit(**JIT)
+def hamming_row(qc, b, h, t, kc, kbase, s0, s1, out, row, add):
+    """Hamming distances of query code ``qc[b, h, t]`` to key codes ``kc[kbase + s0 : kbase + s1]`` into
+    ``out[row, s0:s1]`` (added to it where ``add``: a GQA group's summed distances). One loop per word
+    count and mode, so that each vectorises (``vpopcntq`` where the CPU has it); ``out`` is passed
+    whole: a row slice would be typed as a non-contiguous array and the loops would not vectorise.
+
+    Hot loops here index with ``np.uintp``: numba wraps negative signed indices around, and that
+    check alone keeps LLVM from vectorising a loop (4-5x slower)."""
+    words = kc.shape[1]
+    q0 = qc[b, h, t, 0]
+    r = np.uintp(row)
+    if words == 1 and not add:
+        for s in range(s0, s1):
+            out[r, np.uintp(s)] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
+    elif words == 1:
+        for s in range(s0, s1):
+            out[r, np.uintp(s)] += popcount(q0 ^ kc[np.uintp(kbase + s), 0])
+    elif words == 2 and not add:
+        q1 = qc[b, h, t, 1]
+        for s in range(s0, s1):
+            k = np.uintp(kbase + s)
+            out[r, np.uintp(s)] = popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+    elif words == 2:
+        q1 = qc[b, h, t, 1]
+        for s in range(s0, s1):
+            k = np.uintp(kbase + s)
+            out[r, np.uintp(s)] += popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+    else:
+        for s in range(s0, s1):
+            acc = 0
+            for w in range(words):
+                acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
+            out[r, np.uintp(s)] = acc + (out[r, np.uintp(s)] if add else 0)
+
+
 @njit(**PJIT)
 def hamming_kernel(qc, kc, kheads, kstride, out, chunk):
-    """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B, H, T, S]`` int32."""
+    """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B * H * T, S]`` int32."""
     nbatch, heads, tokens, words = qc.shape
-    seq = out.shape[3]
+    seq = out.shape[1]
     kbatch = kc.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
@@ -69,31 +105,14 @@ def hamming_kernel(qc, kc, kheads, kstride, out, chunk):
         b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
         for g in range(groups):
             h = kvh * groups + g
-            for t in range(tokens):  # unsigned indices: no wraparound checks, so the loops vectorise
-                ub, uh, ut = np.uintp(b), np.uintp(h), np.uintp(t)
-                if words == 1:
-                    q0 = qc[b, h, t, 0]
-                    for s in range(s0, s1):
-                        us = np.uintp(s)
-                        out[ub, uh, ut, us] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
-                elif words == 2:
-                    q0 = qc[b, h, t, 0]
-                    q1 = qc[b, h, t, 1]
-                    for s in range(s0, s1):
-                        k = np.uintp(kbase + s)
-                        out[ub, uh, ut, np.uintp(s)] = popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
-                else:
-                    for s in range(s0, s1):
-                        acc = 0
-                        for w in range(words):
-                            acc += popcount(qc[b, h, t, w] ^ kc[kbase + s, w])
-                        out[b, h, t, s] = acc
+            for t in range(tokens):
+                hamming_row(qc, b, h, t, kc, kbase, s0, s1, out, (b * heads + h) * tokens + t, False)
     return out
 
 
 @njit(**PJIT)
-def hist_kernel(dist, code, cdims, lo, nb, chunk):
-    """Per (row, chunk) histogram of the distances of eligible keys (``code == 1``); bin layout: see
+def hist_kernel(dist, vis, vdims, lo, nb, chunk):
+    """Per (row, chunk) histogram of the distances of eligible keys (``vis == 1``); bin layout: see
     :func:`thresholds`."""
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
@@ -103,12 +122,12 @@ def hist_kernel(dist, code, cdims, lo, nb, chunk):
     for task in prange(rows * nch):
         r = task // nch
         c = task % nch
-        cr = mask_row(r, cdims)
+        vr = mask_row(r, vdims)
         s0 = c * chunk
         s1 = min(seq, s0 + chunk)
         loc = np.zeros(4 * nbe, np.int64)  # 4 interleaved copies break store-to-load chains
         for s in range(s0, s1):
-            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), nb + 2) if code[cr, s] == 1 else trash
+            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), nb + 2) if vis[vr, s] == 1 else trash
             loc[(s & 3) * nbe + j] += 1
         for j in range(nbe):
             hist[r, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
@@ -116,14 +135,14 @@ def hist_kernel(dist, code, cdims, lo, nb, chunk):
 
 
 @njit(**PJIT)
-def select_kernel(dist, code, cdims, thr, need, tie_base, out, chunk):
+def select_kernel(dist, vis, vdims, thr, need, tie_base, out, chunk):
     """Eligible keys below the threshold, and ties at it while the row still needs keys (latest first)."""
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
     for task in prange(rows * nch):
         r = task // nch
         c = task % nch
-        cr = mask_row(r, cdims)
+        vr = mask_row(r, vdims)
         s0 = c * chunk
         s1 = min(seq, s0 + chunk)
         t = thr[r]
@@ -131,7 +150,7 @@ def select_kernel(dist, code, cdims, thr, need, tie_base, out, chunk):
         cnt = tie_base[r, c]
         for s in range(s1 - 1, s0 - 1, -1):
             d = np.int64(dist[r, s])
-            elig = code[cr, s] == 1
+            elig = vis[vr, s] == 1
             sel = elig & (d < t)
             if elig and d == t:  # ties: in order, latest first
                 cnt += 1
@@ -141,14 +160,14 @@ def select_kernel(dist, code, cdims, thr, need, tie_base, out, chunk):
 
 
 @njit(**PJIT)
-def tiers_kernel(dist, code, cdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chunk):
-    """Tiers from the two thresholds; ``code``: 0 hidden, 1 eligible, 2 always high."""
+def tiers_kernel(dist, vis, vdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chunk):
+    """Tiers from the two thresholds; ``vis``: 0 hidden, 1 eligible, 2 always high."""
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
     for task in prange(rows * nch):
         r = task // nch
         c = task % nch
-        cr = mask_row(r, cdims)
+        vr = mask_row(r, vdims)
         s0 = c * chunk
         s1 = min(seq, s0 + chunk)
         th = th_h[r]
@@ -158,7 +177,7 @@ def tiers_kernel(dist, code, cdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chu
         cnt_h = tb_h[r, c]
         cnt_m = tb_m[r, c]
         for s in range(s1 - 1, s0 - 1, -1):
-            k = code[cr, s]
+            k = vis[vr, s]
             d = np.int64(dist[r, s])
             # branch-free for most keys; only eligible ties at a threshold take the ordered path
             tier = HIGH if d < th else (MID if d < tm else LOW)

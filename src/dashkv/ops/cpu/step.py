@@ -1,20 +1,97 @@
-"""The fused decode step of one layer as one compiled call (see :func:`dashkv.ops.cpu.api.dash_attention`).
+"""The decode step of one layer as one compiled call: :func:`step_kernel` and the named tuples it takes.
 
-:func:`step_kernel` runs the passes of :mod:`dashkv.ops.cpu.fused` and the small serial pieces
-between them (budget counts, thresholds, the momentum mask, the query-side mid-tier inputs, the merge
-of the partials and the prior update) without returning to Python: each return to Python cost
-a numba dispatch and a few numpy calls, together several times the kernels' own work at 2K keys.
+It runs the passes of :mod:`dashkv.ops.cpu.fused` and the small serial pieces between them (the query
+codes, budget counts, thresholds, the momentum mask, the query-side mid-tier inputs, the merge of the
+partials, the prior and the weights) without returning to Python: each return to Python cost a numba
+dispatch and a few numpy calls, together several times the kernels' own work at 2K keys.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
+from typing import NamedTuple
 
-from dashkv.ops.cpu.attend import merge_kernel, weights_kernel
+import numpy as np
+from numba import njit, prange
+
+from dashkv.ops.cpu.attend import merge_kernel
+from dashkv.ops.cpu.encode import query_codes_kernel
 from dashkv.ops.cpu.fused import attend_kernel, calibrate_kernel, distance_kernel
-from dashkv.ops.cpu.jit import JIT, PJIT
+from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, mask_row
 from dashkv.ops.cpu.select import thresholds
+
+
+class Budget(NamedTuple):
+    """Keys for the high and the mid tier outside ``always``: shares of each selection row's eligible
+    keys (``fractions``, as ``DashKVConfig.high`` / ``.mid``), or per-row counts ``[rows]`` int64."""
+
+    fractions: bool
+    high: float
+    mid: float
+    high_rows: np.ndarray
+    mid_rows: np.ndarray
+
+
+class Calibration(NamedTuple):
+    """Cross-head consensus and cross-layer momentum of one step (:mod:`dashkv.calibration`).
+
+    ``top``: one head's largest raw distance (``R``); ``group``: selection per KV head on summed
+    distances; ``min_votes``: 0 turns consensus off; ``spatial_step`` / ``temporal_step``: the
+    discounts in whole bits (``<= 0``). Momentum marks keys by ``prior * visible keys >=
+    momentum_ratio``, or, where ``temporal_given``, by the mask ``temporal [B*T, S]`` uint8."""
+
+    top: int
+    group: bool
+    min_votes: int
+    spatial_step: int
+    temporal_step: int
+    momentum_ratio: float
+    temporal: np.ndarray
+    temporal_given: bool
+
+
+class MidTier(NamedTuple):
+    """The mid-tier estimate's arrays (:func:`dashkv.ops.reference.mid_tier_logits`): key centres
+    ``[Hkv, D]``; ``|q|`` and ``q . mu`` per query row (empty: the step computes them); per-head
+    temperature, bias, residual byte tables ``[H, 16, 256]`` and ``sum phi``; ``cos(pi d / R)`` for
+    ``d = 0..R``. ``on`` False: no mid tier (one-element dummies)."""
+
+    on: bool
+    center: np.ndarray
+    query_norm: np.ndarray
+    query_dot_center: np.ndarray
+    temperature: np.ndarray
+    bias: np.ndarray
+    tables: np.ndarray
+    phi_sum: np.ndarray
+    cosines: np.ndarray
+    bits: int
+
+
+class Prior(NamedTuple):
+    """The cross-layer prior ``[B*T, S]`` float32 this step reads (where ``given``) and whether to return
+    its update ``decay * prior + (1 - decay) * mean_h(weights)`` (``want``)."""
+
+    prior: np.ndarray
+    given: bool
+    decay: float
+    want: bool
+
+
+class Partials(NamedTuple):
+    """Per (query row, chunk) results of the attention pass: softmax partials of the high ``[..., 0]``
+    and mid ``[..., 1]`` keys (max, sum exp, sum exp * v), the anchor numerator, counts of high, mid
+    and attended keys, and the attended keys (high first) with their unnormalised weights at
+    ``[row, chunk start + i]`` (``keys``, ``weights``; ``[1, 1]`` when nothing reads them)."""
+
+    m: np.ndarray
+    l: np.ndarray  # noqa: E741 - the split softmax's usual name
+    acc: np.ndarray
+    gap: np.ndarray
+    nhigh: np.ndarray
+    nmid: np.ndarray
+    nkept: np.ndarray
+    keys: np.ndarray
+    weights: np.ndarray
 
 
 @njit(**JIT)
@@ -33,16 +110,22 @@ def budget_rows(hist, fraction):
 
 
 @njit(**JIT)
-def momentum_rows(prior, visible, count, ratio):
-    """:func:`dashkv.calibration.momentum_mask` of ``prior [B*T, S]``: ``prior * count >= ratio`` (float32)
-    and visible, as bytes."""
+def momentum_rows(prior, masks, tokens, ratio):
+    """:func:`dashkv.calibration.momentum_mask` of ``prior [B*T, S]``: ``prior * visible keys >= ratio``
+    (float32) and visible, as bytes; the visible keys of ``(b, t)`` are its first mask row's."""
     rows, seq = prior.shape
+    vis, dims = masks.vis, masks.dims
     out = np.empty((rows, seq), np.uint8)
     r32 = np.float32(ratio)
-    for r in range(rows):
-        c = count[r, 0]
+    for o in range(rows):
+        m = np.uintp(mask_row((o // tokens) * dims[0] * tokens + o % tokens, dims))
+        n = 0
         for s in range(seq):
-            out[r, s] = np.uint8((prior[r, s] * c >= r32) & visible[r, s])
+            n += np.int64(vis[m, np.uintp(s)] != 0)
+        c = np.float32(max(n, 1))
+        for s in range(seq):
+            us = np.uintp(s)
+            out[o, us] = np.uint8((prior[o, us] * c >= r32) & (vis[m, us] != 0))
     return out
 
 
@@ -65,92 +148,150 @@ def query_mid_inputs(q, heads, tokens, kheads, center):
     return qnorm, qdc
 
 
+@njit(fastmath=FASTMATH, **PJIT)
+def prior_kernel(parts, factor, heads, tokens, chunk, prior, out):
+    """The next layer's prior ``out [B*T, S] = decay * prior + (1 - decay) * mean_h(weights)`` (the mean
+    alone where ``prior`` is not given) from the attended keys' weights (``parts.keys`` / ``.weights``
+    scaled by ``factor[row, chunk, tier]``): a pass over the keys plus one over the few attended.
+    Rows with nothing attended (``factor`` NaN) give NaN, as the reference's softmax does. One task
+    is a (batch, token, chunk); heads are summed in order, as a dense sum over them would be."""
+    nbt, seq = out.shape
+    nch = factor.shape[1]
+    for task in prange(nbt * nch):
+        o = task // nch
+        c = task % nch
+        b = o // tokens
+        t = o % tokens
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        acc = np.zeros(s1 - s0, np.float32)
+        for h in range(heads):
+            row = np.uintp((b * heads + h) * tokens + t)
+            f_high = np.float32(factor[row, c, 0])
+            f_mid = np.float32(factor[row, c, 1])
+            if np.isnan(f_high):
+                acc[:] = np.nan
+            nh = parts.nhigh[row, c]
+            for i in range(parts.nkept[row, c]):
+                j = np.uintp(s0 + i)
+                acc[np.uintp(parts.keys[row, j] - s0)] += parts.weights[row, j] * (f_high if i < nh else f_mid)
+        inv = np.float32(1.0) / np.float32(heads)
+        uo = np.uintp(o)
+        for i in range(s1 - s0):
+            s = np.uintp(s0 + i)
+            current = acc[i] * inv
+            out[uo, s] = prior.decay * prior.prior[uo, s] + (np.float32(1.0) - prior.decay) * current if prior.given else current
+
+
+@njit(**PJIT)
+def weights_kernel(parts, factor, chunk, probs):
+    """The attention weights ``probs [B*H*T, S]`` (zero outside high and mid; NaN rows where nothing was
+    attended) from the attended keys' weights scaled by ``factor[row, chunk, tier]``."""
+    rows, seq = probs.shape
+    nch = factor.shape[1]
+    for task in prange(rows * nch):
+        r = np.uintp(task // nch)
+        c = task % nch
+        s0 = c * chunk
+        s1 = min(seq, s0 + chunk)
+        f_high = np.float32(factor[r, c, 0])
+        f_mid = np.float32(factor[r, c, 1])
+        fill = np.float32(np.nan) if np.isnan(f_high) else np.float32(0.0)
+        for s in range(s0, s1):
+            probs[r, np.uintp(s)] = fill
+        nh = parts.nhigh[r, c]
+        for i in range(parts.nkept[r, c]):
+            j = np.uintp(s0 + i)
+            probs[r, np.uintp(parts.keys[r, j])] = parts.weights[r, j] * (f_high if i < nh else f_mid)
+
+
 # parallel=True although the driver itself has no prange: a cached serial function that calls
 # parallel ones segfaults when loaded from numba's cache (numba issue #8578)
 @njit(**PJIT)
-def step_kernel(
-    q, qc, kc, keys, vals, half, kheads, seq, kstride, code, cdims, visible_total,
-    use_fractions, frac_high, frac_mid, kh_rows, km_rows, top, group, scaling,
-    min_votes, spatial_step, temporal, has_temporal, temporal_step, off,
-    has_mid, knorm, center, qnorm_in, qdc_in, temp, bias, tab, sumphi, costab, bits,
-    prior, has_prior, decay, want_prior, keep_probs, want_tiers_out, dist, out, chunk,
-):  # fmt: skip
-    """The decode step from the query codes on (:func:`dashkv.ops.cpu.api.dash_attention`).
+def step_kernel(q, qc_given, shape, encoder, rows, masks, budget, calib, mid, prior, scaling, keep_probs,
+                want_tiers_out, dist, off, out, chunk):  # fmt: skip
+    """The decode step from the queries on (:func:`dashkv.ops.cpu.api.dash_attention`).
 
-    Arrays as the passes of :mod:`dashkv.ops.cpu.fused` take them: ``q [B*H*T, D]`` float32, ``qc
-    [B, H, T, W]``, ``kc / keys / vals / knorm`` key rows of head stride ``kstride``, ``code / cdims``
-    the visibility bytes (0 hidden, 1 eligible, 2 always high) and their row map. ``use_fractions``:
-    the budgets are ``frac_high`` / ``frac_mid`` of each selection row's eligible keys, else the
-    counts ``kh_rows`` / ``km_rows``. ``top``: one head's largest distance. ``temporal``: momentum
-    mask rows ``[B*T, S]`` where ``has_temporal``. Mid tier: ``qnorm_in`` / ``qdc_in`` given (length
-    ``B*H*T``), or computed from ``center`` when they are empty. ``dist``, ``off``: scratch of the
-    right dtypes. Writes ``out [B*H*T, D]`` float32.
+    ``q [B*H*T, D]`` float32 queries of ``shape = (B, H, T)``; ``qc_given [B, H, T, W]`` their hash
+    codes, unless ``encoder.on`` (then the step encodes them); ``rows``, ``masks``: the keys and the
+    visibility rows (:mod:`dashkv.ops.cpu.views`); ``budget``, ``calib``, ``mid``, ``prior``: the
+    named tuples above. ``dist``, ``off``: scratch of the right dtypes. Writes ``out [B*H*T, D]``
+    float32.
 
     Returns ``(counts [3], prior [B*T, S], probs [B*H*T, S], tiers [rows, S])``; the last three are
-    ``[1, 1]`` placeholders unless asked for (``want_prior``; ``keep_probs``; ``want_tiers_out``).
+    ``[1, 1]`` placeholders unless asked for (``prior.want``; ``keep_probs``; ``want_tiers_out``).
     """
-    nbatch, heads, tokens, words = qc.shape
+    nbatch, heads, tokens = shape
     dim = q.shape[1]
-    rows = nbatch * heads * tokens
+    nrows = nbatch * heads * tokens
+    if encoder.on:
+        words = (encoder.w3.shape[0] + 63) // 64
+        codes = np.empty((nrows, words), np.int64)
+        query_codes_kernel(q, heads, tokens, encoder.w1, encoder.b1, encoder.w2, encoder.b2, encoder.w3,
+                           encoder.b3, encoder.skip, codes)  # fmt: skip
+        qc = codes.reshape((nbatch, heads, tokens, words))
+    else:
+        qc = qc_given
+    kheads, seq = rows.kv_heads, rows.length
+    group = calib.group
     sel_heads = kheads if group else heads
     scale = heads // kheads if group else 1
-    hi = top * scale
+    hi = calib.top * scale
     srows = nbatch * sel_heads * tokens
     nch = (seq + chunk - 1) // chunk
     nb = hi + 1  # raw distances 0..hi
     hist = np.empty((srows, nch, nb + 4), np.int32)
-    distance_kernel(qc, kc, kheads, seq, kstride, code, cdims, nb, dist, hist, chunk, group)
-    if use_fractions:  # as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
-        kh = budget_rows(hist, frac_high)
-        km = budget_rows(hist, frac_high + frac_mid) - kh
+    distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group)
+    if budget.fractions:  # as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
+        kh = budget_rows(hist, budget.high)
+        km = budget_rows(hist, budget.high + budget.mid) - kh
     else:
-        kh = kh_rows
-        km = km_rows
-    votes_on = min_votes > 0 and spatial_step != 0
-    time_on = has_temporal and temporal_step != 0
+        kh = budget.high_rows
+        km = budget.mid_rows
+    temporal = calib.temporal
+    if not calib.temporal_given and prior.given and calib.temporal_step != 0:
+        temporal = momentum_rows(prior.prior, masks, tokens, calib.momentum_ratio)
+    time_on = (calib.temporal_given or prior.given) and calib.temporal_step != 0
+    votes_on = calib.min_votes > 0 and calib.spatial_step != 0
     calibrated = votes_on or time_on
-    lo = ((spatial_step if votes_on else 0) + (temporal_step if time_on else 0)) * scale
+    lo = ((calib.spatial_step if votes_on else 0) + (calib.temporal_step if time_on else 0)) * scale
     if calibrated:
-        thr, need, tie_base = thresholds(hist, kh, 0, nb)
+        votes_at = thresholds(hist, kh, 0, nb)
         nb = hi - lo + 1
         raw_hist = hist
         hist = np.empty((srows, nch, nb + 4), np.int32)
         calibrate_kernel(
-            dist, code, cdims, sel_heads, tokens, thr, need, tie_base, min_votes if votes_on else 0,
-            spatial_step * scale, temporal, time_on, temporal_step * scale, off, lo, nb, raw_hist, hist, chunk,
+            dist, masks, sel_heads, tokens, votes_at, calib.min_votes if votes_on else 0,
+            calib.spatial_step * scale, temporal, time_on, calib.temporal_step * scale, off, lo, nb, raw_hist, hist,
+            chunk,
         )  # fmt: skip
-    th_h, nd_h, tb_h = thresholds(hist, kh, lo, nb)
-    th_m, nd_m, tb_m = thresholds(hist, kh + km, lo, nb)
-    qnorm, qdc = qnorm_in, qdc_in
-    if has_mid and qnorm_in.shape[0] != rows:
-        qnorm, qdc = query_mid_inputs(q, heads, tokens, kheads, center)
+    tiers_at = thresholds(hist, kh, lo, nb) + thresholds(hist, kh + km, lo, nb)
+    if mid.on and mid.query_norm.shape[0] != nrows:
+        qnorm, qdc = query_mid_inputs(q, heads, tokens, kheads, mid.center)
+        mid = MidTier(mid.on, mid.center, qnorm, qdc, mid.temperature, mid.bias, mid.tables, mid.phi_sum, mid.cosines,
+                      mid.bits)  # fmt: skip
     nchp = max(1, nch)
-    m_part = np.empty((rows, nchp, 2), np.float32)
-    l_part = np.empty((rows, nchp, 2), np.float64)
-    acc_part = np.empty((rows, nchp, 2, dim), np.float32)
-    gap_part = np.empty((rows, nchp), np.float64)
-    nhigh_part = np.empty((rows, nchp), np.int64)
-    nmid_part = np.empty((rows, nchp), np.int64)
-    want_probs = keep_probs or want_prior
-    want_tiers = want_tiers_out or want_probs  # normalising probs needs each key's tier
-    probs = np.empty((rows, seq) if want_probs else (1, 1), np.float32)
-    tiers = np.empty((srows, seq) if want_tiers else (1, 1), np.int8)
-    attend_kernel(
-        q, qc, kc, dist, off, calibrated, keys, vals, half, kheads, seq, kstride, code, cdims,
-        np.float32(scaling), th_h, nd_h, tb_h, th_m, nd_m, tb_m, group,
-        has_mid, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-        m_part, l_part, acc_part, gap_part, nhigh_part, nmid_part, probs, want_probs, tiers, want_tiers, chunk,
+    want_probs = keep_probs or prior.want
+    kept = (nrows, seq) if want_probs else (1, 1)
+    parts = Partials(
+        np.empty((nrows, nchp, 2), np.float32), np.empty((nrows, nchp, 2), np.float64),
+        np.empty((nrows, nchp, 2, dim), np.float32), np.empty((nrows, nchp), np.float64),
+        np.empty((nrows, nchp), np.int64), np.empty((nrows, nchp), np.int64), np.empty((nrows, nchp), np.int64),
+        np.empty(kept, np.int32), np.empty(kept, np.float32),
     )  # fmt: skip
-    factor = np.empty(m_part.shape, np.float64)
-    merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, has_mid, out, factor)
-    prior_out = np.empty((nbatch * tokens, seq) if want_probs else (1, 1), np.float32)
-    if want_probs:
-        weights_kernel(
-            probs, tiers, factor, heads, kheads, tokens, group, chunk, keep_probs,
-            prior if has_prior else prior_out, has_prior, np.float32(decay), prior_out,
-        )  # fmt: skip
+    tiers = np.empty((srows, seq) if want_tiers_out else (1, 1), np.int8)
+    attend_kernel(q, qc, rows, masks, dist, off, calibrated, tiers_at, group, mid, scaling, parts, tiers,
+                  want_tiers_out, chunk)  # fmt: skip
+    factor = np.empty(parts.m.shape, np.float64)
+    merge_kernel(parts.m, parts.l, parts.acc, parts.gap, parts.nhigh, mid.on, out, factor)
+    prior_out = np.empty((nbatch * tokens, seq) if prior.want else (1, 1), np.float32)
+    if prior.want:
+        prior_kernel(parts, factor, heads, tokens, chunk, prior, prior_out)
+    probs = np.empty((nrows, seq) if keep_probs else (1, 1), np.float32)
+    if keep_probs:
+        weights_kernel(parts, factor, chunk, probs)
     counts = np.empty(3, np.int64)
-    counts[0] = nhigh_part.sum()
-    counts[1] = nmid_part.sum()
-    counts[2] = visible_total - counts[0] - counts[1]
+    counts[0] = parts.nhigh.sum()
+    counts[1] = parts.nmid.sum()
+    counts[2] = masks.visible - counts[0] - counts[1]
     return counts, prior_out, probs, tiers

@@ -22,7 +22,15 @@ is set before this package is imported (the tests do so).
 """
 
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
-from dashkv.ops.triton.api import assign_tiers, decode_step, hamming_distance, select_smallest, tiered_attention
+from dashkv.ops.triton.api import (
+    assign_tiers,
+    decode_step,
+    hamming_distance,
+    layer_step,
+    plan_layer,
+    select_smallest,
+    tiered_attention,
+)
 from dashkv.ops.triton.common import CHUNK
 from dashkv.ops.triton.encode import encode_key, encode_query
 
@@ -40,6 +48,8 @@ __all__ = [
     "encode_query",
     "expand_kv",
     "hamming_distance",
+    "layer_step",
+    "plan_layer",
     "select_smallest",
     "tiered_attention",
 ]

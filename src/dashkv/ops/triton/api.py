@@ -11,10 +11,20 @@ import math
 import torch
 import triton
 
-from dashkv.ops.reference import MidTierInputs, MidTierWeights, StepInputs, StepOutputs, StepSettings, expand_kv
+from dashkv.ops.reference import (
+    LayerPlan,
+    MidTierInputs,
+    MidTierWeights,
+    StepInputs,
+    StepOutputs,
+    StepSettings,
+    expand_kv,
+    plan_layer,  # noqa: F401 - the reference's plan: nothing to prepare on the GPU
+)
 from dashkv.ops.triton import common
 from dashkv.ops.triton.attend import attend_kernel, merge_kernel, weights_kernel
 from dashkv.ops.triton.common import BLOCK_M, pow2
+from dashkv.ops.triton.encode import encode_query
 from dashkv.ops.triton.launch import check_device, interpreting
 from dashkv.ops.triton.scan import dense_hist_kernel, scan_kernel
 from dashkv.ops.triton.select import calibrate_kernel, dense_select_kernel, thresholds_kernel
@@ -396,3 +406,12 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
         tiers_t = tiers.view(nbatch, sel_heads, tokens, seq)
         tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
     return StepOutputs(output, counts, prior, probs, tiers_t)
+
+
+def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
+    """One layer's step from its plan (see :func:`dashkv.ops.reference.layer_step`): the query codes by the
+    plan's encoder where ``inputs.query_codes`` is None, then :func:`decode_step`."""
+    if inputs.query_codes is None:
+        inputs = inputs._replace(query_codes=encode_query(plan.encoder, inputs.query))
+    return decode_step(inputs, plan.settings, plan.mid)
+

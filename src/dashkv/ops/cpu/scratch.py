@@ -1,0 +1,25 @@
+"""Reusable buffers for the large per-call intermediates of the fused step (per thread and name)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+_SCRATCH = threading.local()
+_SCRATCH_LIMIT = 32 * 2**20  # bytes a kept buffer may have
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A reusable uninitialised buffer: the fused step's per-call intermediates skip the allocation and
+    the page faults of fresh memory. The caller overwrites it whole."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    size = math.prod(shape)
+    if size * np.dtype(dtype).itemsize > _SCRATCH_LIMIT:  # large query blocks: not worth keeping
+        return np.empty(shape, dtype)
+    buf = pool.get((name, np.dtype(dtype)))
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype)
+        pool[(name, np.dtype(dtype))] = buf
+    return buf[:size].reshape(shape)

@@ -93,8 +93,22 @@ class LayerHashEncoder(nn.Module):
 
     def state_stamp(self) -> tuple:
         """Storage and version counter of every tensor: equal stamps mean unchanged weights (in-place
-        updates bump the version, a reload the storage), for what is prepared from them once."""
-        return tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+        updates, ``load_state_dict`` and optimiser steps bump the version, ``.to()`` moves the storage),
+        for what is prepared from them once. The tensors are listed once (a decode step checks the stamp
+        of every layer), and listed again after a tensor is assigned or ``.to()`` / ``.float()`` moved."""
+        tensors = self.__dict__.get("_stamped")
+        if tensors is None:
+            tensors = self.__dict__["_stamped"] = list(itertools.chain(self.parameters(), self.buffers()))
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self.__dict__.pop("_stamped", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_stamped", None)  # buffers come back as new tensors
+        return super()._apply(fn, recurse)
 
     def query_projection(self, query: torch.Tensor) -> torch.Tensor:
         """Real-valued query code before the sign. ``query`` Tensor[B, H, T, D] -> Tensor[B, H, T, R] fp32."""

@@ -18,7 +18,7 @@ from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.attend import attn_tiers_kernel, merge_kernel, scale_probs
 from dashkv.ops.cpu.encode import NO_ENCODER, encode_query, few_rows
 from dashkv.ops.cpu.plan import NO_MASK, NO_MID, NO_ROWS, Prepared, plan_layer
-from dashkv.ops.cpu.scratch import scratch
+from dashkv.ops.cpu.scratch import step_scratch
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
 from dashkv.ops.cpu.step import Budget, Calibration, MidTier, Prior, step_kernel
 from dashkv.ops.cpu.tables import cos_table, residual_tables
@@ -228,24 +228,22 @@ def tiered_attention(
 
 def _run_step(q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scaling, want_weights) -> StepOutputs:
     """:func:`~dashkv.ops.cpu.step.step_kernel` with its scratch, and its results as tensors."""
-    nbatch, heads, tokens, dim, seq = *shape, q.shape[1], kv.length
+    nbatch, heads, tokens = shape
+    seq = kv.length
     group = calib.group
     sel_heads = kv.kv_heads if group else heads
-    scale = heads // kv.kv_heads if group else 1
-    dist = scratch("dist", (nbatch * sel_heads * tokens, seq), vw.dist_dtype(calib.top * scale))
-    calibrating = calib.min_votes > 0 and calib.spatial_step != 0 or calib.temporal_step != 0
-    off_dtype = np.int16 if group else np.int8
-    off = scratch("off", (nbatch * tokens, seq), off_dtype) if calibrating else np.zeros((1, 1), off_dtype)
-    out = np.empty((nbatch * heads * tokens, dim), np.float32)
+    dist, off = step_scratch(nbatch * sel_heads * tokens, nbatch * tokens, seq, calib.top * (heads // sel_heads),
+                             group)  # fmt: skip
+    out = np.empty((nbatch * heads * tokens, q.shape[1]), np.float32)
     counts, prior_np, probs, tiers = step_kernel(
-        q, qc, (nbatch, heads, tokens), encoder, kv, masks, budget, calib, mid, prior, np.float32(scaling),
-        want_weights, want_weights, dist, off, out, CHUNK,
+        q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scaling, want_weights, want_weights, dist, off,
+        out, CHUNK,
     )  # fmt: skip
-    output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
+    output = torch.from_numpy(out).view(nbatch, heads, tokens, -1)
     prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior.want else None
-    probs_t = torch.from_numpy(probs).view(nbatch, heads, tokens, seq) if want_weights else None
-    tiers_t = None
+    probs_t = tiers_t = None
     if want_weights:
+        probs_t = torch.from_numpy(probs).view(nbatch, heads, tokens, seq)
         tiers_t = torch.from_numpy(tiers).view(nbatch, sel_heads, tokens, seq)
         tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
     return StepOutputs(output, torch.from_numpy(counts), prior_t, probs_t, tiers_t)
@@ -266,18 +264,26 @@ _NO_CODES = np.zeros((0, 0, 0, 0), np.int64)
 _NO_PRIOR = np.zeros((1, 1), np.float32)
 
 
+def _f32_array(t: torch.Tensor) -> np.ndarray:
+    """A float32 tensor as a numpy array without a copy where it can be (the decode path's case)."""
+    if t.dtype != torch.float32 or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to(torch.float32).contiguous()
+    return t.numpy()
+
+
 def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
     """One layer's whole DASH-KV step in one compiled call (see :func:`dashkv.ops.reference.layer_step`):
     the query codes (in the call where the plan's encoder allows it), distances, consensus, momentum,
     tiers, attention and the next layer's prior."""
     prep: Prepared = plan.prepared
-    query = inputs.query
-    vw.check_cpu(query, inputs.key, inputs.value)
+    query, key = inputs.query, inputs.key
+    if not (query.is_cpu and key.is_cpu and inputs.value.is_cpu):
+        vw.check_cpu(query, key, inputs.value)
     nbatch, heads, tokens, dim = query.shape
-    seq = inputs.key.shape[2]
+    seq = key.shape[2]
     if seq == 0:
         return _empty_step(query, (nbatch, heads, tokens, 0), prep.want_prior, prep.want_weights)
-    q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
+    q = _f32_array(query).reshape(-1, dim)
     encoder, qc = NO_ENCODER, _NO_CODES
     if inputs.query_codes is not None:
         qc = vw.codes_array(inputs.query_codes)
@@ -285,17 +291,15 @@ def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
         encoder = prep.encoder
     else:
         qc = vw.codes_array(encode_query(plan.encoder, query))
-    if qc.size and tuple(qc.shape[:3]) != (nbatch, heads, tokens):
+    if qc.size and qc.shape[:3] != (nbatch, heads, tokens) or inputs.key_codes.shape[:3] != key.shape[:3]:
         raise ValueError("codes do not match query / key shapes")
-    if inputs.key_codes.shape[:3] != inputs.key.shape[:3]:
-        raise ValueError("codes do not match query / key shapes")
-    kv = vw.layer_rows(inputs.key, inputs.value, heads, inputs.key_codes, inputs.key_norms if prep.mid.on else None)
+    kv = vw.layer_rows(key, inputs.value, heads, inputs.key_codes, inputs.key_norms if prep.mid.on else None)
     group = prep.calib.group
     masks = vw.mask_rows(inputs.visible, inputs.always, (nbatch, kv.kv_heads if group else heads, tokens, seq),
                          heads, group)  # fmt: skip
     given = inputs.prior is not None
-    prior = Prior(vw.as_numpy(inputs.prior.detach().to(torch.float32)).reshape(nbatch * tokens, seq) if given
-                  else _NO_PRIOR, given, prep.decay, prep.want_prior)  # fmt: skip
+    prior = Prior(_f32_array(inputs.prior).reshape(nbatch * tokens, seq) if given else _NO_PRIOR, given, prep.decay,
+                  prep.want_prior)  # fmt: skip
     out = _run_step(q, qc, (nbatch, heads, tokens), encoder, kv, masks, prep.budget, prep.calib, prep.mid, prior,
                     prep.scaling, prep.want_weights)  # fmt: skip
     return out if query.dtype == torch.float32 else out._replace(output=out.output.to(query.dtype))
@@ -407,7 +411,7 @@ def dash_attention(
     tier = _given_mid(mid, (nbatch, heads, tokens), words) if mid is not None else NO_MID
     q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
     out = _run_step(q, vw.codes_array(query_codes), (nbatch, heads, tokens), NO_ENCODER, kv, masks, budget, calib,
-                    tier, Prior(_NO_PRIOR, False, 0.0, False), scaling, want)  # fmt: skip
+                    tier, Prior(_NO_PRIOR, False, 0.0, False), np.float32(scaling), want)  # fmt: skip
     output = out.output if query.dtype == torch.float32 else out.output.to(query.dtype)
     return output, out.probs if return_probs else None, out.tiers if return_tiers else None
 

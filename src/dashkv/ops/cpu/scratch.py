@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 
+from dashkv.ops.cpu.views import dist_dtype
+
 _SCRATCH = threading.local()
 _SCRATCH_LIMIT = 32 * 2**20  # bytes a kept buffer may have
 
@@ -23,3 +25,10 @@ def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         buf = np.empty(max(size, 1), dtype)
         pool[(name, np.dtype(dtype))] = buf
     return buf[:size].reshape(shape)
+
+
+def step_scratch(rows: int, offset_rows: int, seq: int, top: int, group: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The fused step's distances ``[rows, S]`` (one byte a key while ``top`` fits) and per-key offsets
+    ``[offset_rows, S]`` (int8, or int16 on a GQA group's summed distances), uninitialised."""
+    dist = scratch("dist", (rows, seq), dist_dtype(top))
+    return dist, scratch("off", (offset_rows, seq), np.int16 if group else np.int8)

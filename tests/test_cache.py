@@ -38,6 +38,23 @@ def test_layer_appends_in_place_and_grows_by_doubling():
     assert layer.get_seq_length() == 1000 and not keys.is_contiguous()  # a view of the buffer
 
 
+def test_codes_are_computed_when_read_for_the_keys_added_since():
+    enc = HashEncoders.random(_shape_model(), bits=64, seed=0).layers[0]
+    layer = DashKVLayer(enc)
+    k, v = _states(1, 2, 60)
+    layer.update(k[:, :, :40], v[:, :, :40])
+    assert layer.coded == 0 and "codes" not in layer._buffers  # exact attention never pays for codes
+    assert torch.equal(layer.codes, enc.encode_key(k[:, :, :40])[0]) and layer.coded == 40
+    calls = []
+    encode = layer._encode
+    layer._encode = lambda e, keys: calls.append(keys.shape[-2]) or encode(e, keys)
+    layer.crop(30)
+    layer.update(k[:, :, 30:60], v[:, :, 30:60])  # after a crop, the keys past it are new
+    codes, norms = enc.encode_key(k)
+    assert torch.equal(layer.key_norms, norms) and torch.equal(layer.codes, codes) and calls == [30]
+    assert DashKVLayer(None).codes is None and layer.coded == 60
+
+
 def test_crop_reorder_select_and_repeat_follow_the_keys():
     enc = HashEncoders.random(_shape_model(), bits=64, seed=0).layers[0]
     layer = DashKVLayer(enc)

@@ -22,3 +22,14 @@ def test_table_names_as_dense_only_the_layers_that_never_ran_tiered():
     stats.record(1, tiers)
     stats.record(2, tiers)
     assert stats.table().splitlines()[-1] == "dense layers: [0]"
+
+
+def test_merge_adds_another_runs_counts():
+    a, b = TierStats(), TierStats()
+    a.record_counts(1, torch.tensor([1, 2, 3]))
+    b.record_counts(1, torch.tensor([10, 20, 30]))
+    b.record_counts(2, torch.tensor([1, 1, 1]))
+    b.record_dense(0)
+    a.merge(b)
+    assert a.counts[1].tolist() == [11, 22, 33] and a.counts[2].tolist() == [1, 1, 1] and a.dense_calls == {0: 1}
+    assert b.counts[1].tolist() == [10, 20, 30]  # the other run is left as it was

@@ -38,6 +38,7 @@ from dashkv.stats import TierStats
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "dashkv"
+_PLANS_KEPT = 4  # plans an encoder keeps (backend, config, scaling): each holds a copy of its weights
 
 
 def visibility(
@@ -207,7 +208,7 @@ class DashKVRuntime:
     _masks: dict = field(default_factory=dict)
     # the model's sliding-window layers: transformers' SDPA runs them, untouched (DASH-KV keeps every key)
     sliding: frozenset[int] = frozenset()
-    _plans: dict = field(default_factory=dict)  # layer -> (backend, scaling, encoder stamp, LayerPlan)
+    _plans: dict = field(default_factory=dict)  # layer -> its LayerPlan
     _planned: set = field(default_factory=set)  # layers whose plan this forward has checked
     _ops: tuple | None = None  # (device, backend) of the last call
 
@@ -221,19 +222,26 @@ class DashKVRuntime:
 
     def _plan(self, layer_idx: int, encoder: LayerHashEncoder, ops: ModuleType, heads: int, kv_heads: int,
               scaling: float) -> LayerPlan:  # fmt: skip
-        """The layer's plan, made once per block and remade when the encoder's tensors changed (checked
-        once per forward: encoders trained between two forwards are never served stale)."""
-        held = self._plans.get(layer_idx)
-        if held is not None and layer_idx in self._planned:
-            return held[3]
+        """The layer's plan, kept on its encoder for this backend, config and scaling (later ``enable``
+        blocks reuse it) and remade when the encoder's tensors changed: checked once per forward, so
+        encoders trained between two forwards are never served stale."""
+        if layer_idx in self._planned:
+            return self._plans[layer_idx]
         stamp = encoder.state_stamp()
-        if held is None or held[0] is not ops or held[1] != scaling or held[2] != stamp:
+        kept = encoder.__dict__.setdefault("_dashkv_plans", {})
+        key = (ops.__name__, self.config, scaling)
+        held = kept.get(key)
+        if held is None or held[0] != stamp:
             cfg = self.config
             plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=cfg.momentum,
                               want_weights=cfg.selector == "oracle")  # fmt: skip
-            held = self._plans[layer_idx] = (ops, scaling, stamp, plan)
+            kept.pop(key, None)
+            while len(kept) >= _PLANS_KEPT:  # a sweep over many configs keeps the latest few
+                kept.pop(next(iter(kept)))
+            held = kept[key] = (stamp, plan)
+        self._plans[layer_idx] = held[1]
         self._planned.add(layer_idx)
-        return held[3]
+        return held[1]
 
     def _mask(self, batch: int, queries: int, keys: int, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``visible`` and ``always`` of this forward, built once and shared by its layers (they see the

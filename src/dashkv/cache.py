@@ -25,6 +25,10 @@ class DashKVLayer(DynamicLayer):
     concatenating the whole prefix, which transformers' ``DynamicLayer`` does at every step. The
     views are strided across heads (head stride ``capacity``); the CPU kernels read them as they are.
 
+    Codes are computed when first read, for every key added since the last read (one batch after a
+    prefill, one key a decode step): a context shorter than ``DashKVConfig.dense_below`` attends
+    exactly and never pays for them.
+
     Parameters
     ----------
     encoder : LayerHashEncoder or None
@@ -35,50 +39,77 @@ class DashKVLayer(DynamicLayer):
         super().__init__()
         self.encoder = encoder
         self.length = 0
+        self.coded = 0  # keys [0, coded) have their codes in the buffers
         self._buffers: dict[str, torch.Tensor] = {}  # "keys", "values"[, "codes", "key_norms"]
-        self.codes: torch.Tensor | None = None  # [B, Hkv, S, W] int64 view
-        self.key_norms: torch.Tensor | None = None  # [B, Hkv, S] float32 view
-        self._encode = None  # the backend's encode_key for the keys' device, found at the first update
+        self._encode = None  # the backend's encode_key for the keys' device, found at the first encoding
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, encoder: LayerHashEncoder | None) -> "DashKVLayer":
-        """Take over the K/V of an existing dynamic layer (copied into buffers) and encode its keys."""
+        """Take over the K/V of an existing dynamic layer (copied into buffers); codes follow on reading."""
         new = cls(encoder)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
             new.update(layer.keys, layer.values)
         return new
 
     def attach(self, encoder: LayerHashEncoder | None) -> None:
-        """Give a layer without codes its encoder, encoding the keys it already holds."""
+        """Give a layer without codes its encoder; the keys it holds are coded when codes are read."""
         if encoder is None or self.encoder is not None:
             return
-        self.encoder = encoder
-        if self.length:
-            if encoder.key_proj.device != self.keys.device:
-                encoder.to(self.keys.device)
-            codes, norms = encoder.encode_key(self.keys)
-            for name, held in (("codes", codes), ("key_norms", norms)):
-                shape = (*held.shape[:2], self.capacity, *held.shape[3:])
-                self._buffers[name] = torch.empty(shape, dtype=held.dtype, device=held.device)
-                self._buffers[name][:, :, : self.length] = held
-            self._refresh_views()
+        self.encoder, self.coded = encoder, 0
 
     @property
     def capacity(self) -> int:
         """Positions the buffers hold before they must grow."""
         return self._buffers["keys"].shape[2] if self._buffers else 0
 
-    def _grow(self, new_states: dict[str, torch.Tensor], needed: int) -> None:
-        """(Re)allocate the buffers for at least ``needed`` positions, keeping the first ``length``."""
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """``[B, Hkv, S, W]`` int64 packed key codes (None without an encoder)."""
+        if self.encoder is None or not self.length:
+            return None
+        self._encode_pending()
+        return self._buffers["codes"][:, :, : self.length]
+
+    @property
+    def key_norms(self) -> torch.Tensor | None:
+        """``[B, Hkv, S]`` float32 centred key norms ``|k - mu|`` (None without an encoder)."""
+        if self.encoder is None or not self.length:
+            return None
+        self._encode_pending()
+        return self._buffers["key_norms"][:, :, : self.length]
+
+    def _encode_pending(self) -> None:
+        """Codes and norms of the keys ``[coded, length)``, written into their buffers."""
+        if self.coded >= self.length:
+            return
+        keys = self._buffers["keys"]
+        if self._encode is None or self.encoder.key_proj.device != keys.device:
+            self.encoder.to(keys.device)
+            self._encode = get_backend("auto", keys.device).encode_key
+        codes, norms = self._encode(self.encoder, keys[:, :, self.coded : self.length])
+        if "codes" not in self._buffers:
+            shape = (*keys.shape[:3], codes.shape[-1])
+            self._buffers["codes"] = torch.empty(shape, dtype=codes.dtype, device=keys.device)
+            self._buffers["key_norms"] = torch.empty(keys.shape[:3], dtype=norms.dtype, device=keys.device)
+        self._buffers["codes"][:, :, self.coded : self.length] = codes
+        self._buffers["key_norms"][:, :, self.coded : self.length] = norms
+        self.coded = self.length
+
+    def _grow(self, needed: int, like: torch.Tensor) -> None:
+        """(Re)allocate the buffers for at least ``needed`` positions, keeping the first ``length``; new K
+        and V buffers take ``like``'s batch, heads, dtype and device."""
         # a first allocation (the prefill) leaves room for a quarter more tokens, so that decoding after
         # it does not double the cache at once; later growth doubles (amortised O(1) appends)
         capacity = max(needed, 2 * self.capacity) if self.capacity else needed + max(256, needed // 4)
         capacity = -(-capacity // 64) * 64  # whole cache lines of positions
+        if not self.length:
+            self._buffers, self.coded = {}, 0
         grown = {}
-        for name, state in new_states.items():
-            shape = (*state.shape[:2], capacity, *state.shape[3:])
-            buffer = torch.empty(shape, dtype=state.dtype, device=state.device)
+        for name in ("keys", "values", *(n for n in ("codes", "key_norms") if n in self._buffers)):
             old = self._buffers.get(name)
+            template = old if old is not None else like
+            buffer = torch.empty((*template.shape[:2], capacity, *template.shape[3:]), dtype=template.dtype,
+                                 device=template.device)  # fmt: skip
             if old is not None and self.length:
                 buffer[:, :, : self.length] = old[:, :, : self.length]
             grown[name] = buffer
@@ -87,40 +118,27 @@ class DashKVLayer(DynamicLayer):
     def _refresh_views(self) -> None:
         n, buffers = self.length, self._buffers
         self.keys, self.values = buffers["keys"][:, :, :n], buffers["values"][:, :, :n]
-        if "codes" in buffers:
-            self.codes, self.key_norms = buffers["codes"][:, :, :n], buffers["key_norms"][:, :, :n]
-        else:
-            self.codes = self.key_norms = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key_states`` / ``value_states`` ``[B, Hkv, T, D]`` (and their codes) in place; returns
-        views of the whole cached K and V ``[B, Hkv, S, D]``."""
+        """Append ``key_states`` / ``value_states`` ``[B, Hkv, T, D]`` in place (their codes follow on
+        reading); returns views of the whole cached K and V ``[B, Hkv, S, D]``."""
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
-        new = {"keys": key_states, "values": value_states}
-        if self.encoder is not None:
-            if self._encode is None or self.encoder.key_proj.device != key_states.device:
-                self.encoder.to(key_states.device)
-                self._encode = get_backend("auto", key_states.device).encode_key
-            new["codes"], new["key_norms"] = self._encode(self.encoder, key_states)
         end = self.length + key_states.shape[-2]
         held = self._buffers.get("keys")
-        fits = (
-            held is not None and held.shape[:2] == key_states.shape[:2] and held.dtype == key_states.dtype
-            and len(self._buffers) == len(new)
-        )  # fmt: skip
+        fits = held is not None and held.shape[:2] == key_states.shape[:2] and held.dtype == key_states.dtype
         if not fits and self.length:
             raise ValueError(
                 f"cache layer holds batch x heads {tuple(held.shape[:2])} in {held.dtype}; got states "
                 f"{tuple(key_states.shape[:2])} in {key_states.dtype}"
             )
         if not fits or end > held.shape[2]:
-            self._grow(new, end)
-        for name, state in new.items():
-            self._buffers[name][:, :, self.length : end] = state
+            self._grow(end, key_states)
+        self._buffers["keys"][:, :, self.length : end] = key_states
+        self._buffers["values"][:, :, self.length : end] = value_states
         self.length = end
         self._refresh_views()
         return self.keys, self.values
@@ -133,6 +151,7 @@ class DashKVLayer(DynamicLayer):
             max_length = self.length - abs(max_length)
         if self.length > max_length:
             self.length = max(max_length, 0)
+            self.coded = min(self.coded, self.length)
             self._refresh_views()
 
     def _index_batch(self, fn) -> None:
@@ -159,7 +178,7 @@ class DashKVLayer(DynamicLayer):
             self._index_batch(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.coded = 0
         if self._buffers:
             self._refresh_views()
 

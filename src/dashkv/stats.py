@@ -38,6 +38,13 @@ class TierStats:
     def record_dense(self, layer: int) -> None:
         self.dense_calls[layer] = self.dense_calls.get(layer, 0) + 1
 
+    def merge(self, other: "TierStats") -> None:
+        """Add another run's counts (e.g. a later ``enable`` block over the same cache)."""
+        for layer, counts in other.counts.items():
+            self.record_counts(layer, counts)
+        for layer, calls in other.dense_calls.items():
+            self.dense_calls[layer] = self.dense_calls.get(layer, 0) + calls
+
     def reset(self) -> None:
         self.counts.clear()
         self.dense_calls.clear()

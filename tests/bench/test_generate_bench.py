@@ -5,7 +5,7 @@ import torch
 
 from dashkv import HashEncoders
 from dashkv.baselines.budget import Budget
-from dashkv.bench import generate
+from dashkv.bench import generate, harness
 from dashkv.config import DashKVConfig
 
 
@@ -24,7 +24,7 @@ def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
         for name, run in runs.items():
             assert run["context_tokens"] == case["length"] and len(run["tokens"]) == 4, name
             assert 0 < run["step_ms_min"] <= run["step_ms_median"] <= run["step_ms_max"], name
-            assert run["tokens_per_s"] > 0 and run["peak_rss_mb"] > 0 and run["prefill_s"] > 0, name
+            assert run["tokens_per_s"] > 0 and run["cache_mb"] > 0 and run["prefill_s"] > 0, name
             assert 0 < run["attention_share"] < 1 and run["attention_ms_median"] > 0, name  # attention was timed
             assert run["vs_full"] == run["tokens_per_s"] / runs["full"]["tokens_per_s"]
             assert 0 <= run["same_tokens"] <= 4
@@ -36,36 +36,38 @@ def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
         assert runs["snapkv"]["kept_tokens"] == budget.kept(case["length"])
         assert set(case["tiers"]) == {"dashkv_head", "dashkv_group"}
         assert all(set(t) == {"high", "mid", "low"} for t in case["tiers"].values())
+    assert all(case["peak_rss_mb"] > 0 for case in cases)
     assert cases[1]["runs"]["snapkv"]["kept_tokens"] < 200
+    assert cases[1]["runs"]["snapkv"]["cache_mb"] < cases[1]["runs"]["full"]["cache_mb"]  # it dropped keys
     table = generate.table({"cases": cases, "encoders": "random", "new_tokens": 4, "busy": {"processes": 2}})
     assert table.count("\n| ") == 2 * len(generate.ROWS)  # the data rows
     assert "SnapKV" in table and "2 CPU-bound competitor processes" in table
 
 
 def test_timed_attention_times_the_attention_calls_and_restores(tiny_qwen2):
-    timer = generate.AttentionTimer()
-    with generate.timed_attention(tiny_qwen2, timer):
+    timer = harness.AttentionTimer()
+    with harness.timed_attention(tiny_qwen2, timer):
         assert tiny_qwen2.config._attn_implementation == "timed_sdpa"
         with torch.no_grad():
             tiny_qwen2(torch.randint(0, 97, (1, 16)))
     assert timer.seconds > 0 and tiny_qwen2.config._attn_implementation == "sdpa"
-    with pytest.raises(RuntimeError, match="boom"), generate.timed_attention(tiny_qwen2, timer):
+    with pytest.raises(RuntimeError, match="boom"), harness.timed_attention(tiny_qwen2, timer):
         raise RuntimeError("boom")
     assert tiny_qwen2.config._attn_implementation == "sdpa"
 
 
 def test_competitors_run_for_the_block_and_are_always_terminated():
-    with generate.Competitors(2) as busy:
+    with harness.Competitors(2) as busy:
         assert [p.is_alive() for p in busy.processes] == [True, True]
     assert not any(p.is_alive() for p in busy.processes)
     record = busy.record()
     assert record["processes"] == 2 and len(record["cpu_seconds"]) == 2
     if os.path.exists("/proc/self/stat"):
         assert all(s is not None and s >= 0 for s in record["cpu_seconds"])
-    with pytest.raises(KeyboardInterrupt), generate.Competitors(1) as busy:
+    with pytest.raises(KeyboardInterrupt), harness.Competitors(1) as busy:
         raise KeyboardInterrupt  # Ctrl-C during the measurement
     assert not busy.processes[0].is_alive()
-    with generate.Competitors(0) as idle:
+    with harness.Competitors(0) as idle:
         assert idle.processes == []
     assert idle.record()["processes"] == 0
 
@@ -77,7 +79,7 @@ def test_competitors_run_for_the_block_and_are_always_terminated():
         (dict(lengths=(2048, 0)), "lengths"),
         (dict(new_tokens=1), "new_tokens"),
         (dict(busy=-1), "busy"),
-        (dict(busy=generate.MAX_BUSY + 1), "busy"),
+        (dict(busy=harness.MAX_BUSY + 1), "busy"),
         (dict(threads=0), "threads"),
     ],
 )
@@ -88,7 +90,7 @@ def test_check_options_names_the_bad_option(kwargs, word):
 
 
 def test_peak_rss_sees_an_allocation():
-    with generate.PeakRss() as rss:
+    with harness.PeakRss() as rss:
         block = torch.ones(64 * 2**20 // 4)
         block.add_(1)
     assert rss.peak >= 64 * 2**20

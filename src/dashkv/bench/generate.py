@@ -1,9 +1,11 @@
 """End-to-end decode speed on a real model: stock full attention, the parts DASH-KV changes, and a
 kvpress eviction baseline, in the same run.
 
-For each context length (real prose from :mod:`dashkv.corpus`) every row prefills the context, then
-decodes ``new_tokens`` tokens greedily, one forward a token, and each decode step is timed. The rows
-run one after the other at each length, so that all see the same machine load:
+For each context length (real prose from :mod:`dashkv.corpus`) every row prefills the context into
+its own cache, then the rows decode ``new_tokens`` tokens greedily, one forward a token, taking turns
+in blocks of :data:`BLOCK` tokens, and each decode step is timed. Interleaved, the rows see the same
+machine load: on a shared machine the speed of a whole run drifts by tens of percent within minutes,
+more than the differences measured. The rows:
 
 - ``full``: stock full attention -- the model's SDPA over a transformers ``DynamicCache``, which
   concatenates the whole K and V at every step: what a user runs without DASH-KV;
@@ -20,7 +22,8 @@ run one after the other at each length, so that all see the same machine load:
 
 Reported per row: decode ms per token (median; min-max), tokens/s, speed against ``full``
 (``vs_full``, > 1 is faster), the share of decode time spent inside the attention function, prefill
-seconds, peak resident memory (RSS) while the row ran, and how many leading tokens equal ``full``'s.
+seconds, the memory its cache holds, and how many leading tokens equal ``full``'s; per context
+length, the peak resident memory (RSS) of the process.
 
 Attention time is measured by running the model with a registered attention function that times the
 one it would call (``"sdpa"``, or ``"dashkv"`` under :func:`dashkv.enable`) -- no ``forward`` is
@@ -35,18 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import platform
 import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from dashkv.bench.harness import MAX_BUSY, AttentionTimer, Competitors, PeakRss, timed_attention
 
 LENGTHS = (2048, 4096, 8192)
 ROWS = {
@@ -56,157 +59,7 @@ ROWS = {
     "dashkv_group": "DASH-KV share=group",
     "snapkv": "SnapKV (kvpress)",
 }
-MAX_BUSY = 64  # competitor processes; more is a typo, not a load
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:
-        return 0
-
-
-class PeakRss:
-    """Context manager sampling the RSS every ``interval`` seconds; ``peak`` is the largest sample."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRss":
-        self.peak = _rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
-# ------------------------------------------------------------------------------ competitor load
-
-
-def _spin() -> None:  # pragma: no cover - runs in the competitor processes
-    """A CPU-bound competitor: an integer loop in pure Python until terminated."""
-    x = 0
-    try:
-        while True:
-            x = (x * 1103515245 + 12345) & 0xFFFFFFFF
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: leave without a traceback
-        pass
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-class Competitors:
-    """``n`` CPU-bound processes (:func:`_spin`) running for the length of a ``with`` block: a loaded
-    machine. They are terminated on exit, also on an error or Ctrl-C, and are daemons, so they do not
-    outlive this process either.
-
-    ``record()`` says what ran and how many CPU seconds each competitor got (that they competed).
-    """
-
-    def __init__(self, n: int):
-        check_options((1,), 2, busy=n)
-        self.n = n
-        self.processes: list[multiprocessing.Process] = []
-        self.cpu_seconds: list[float | None] = []
-
-    def __enter__(self) -> "Competitors":
-        # fork: the child runs a pure-Python loop and touches nothing of the parent (spawn would
-        # re-import torch in every competitor)
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        try:
-            for i in range(self.n):
-                process = context.Process(target=_spin, name=f"dashkv-busy-{i}", daemon=True)
-                process.start()
-                self.processes.append(process)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Terminate (then kill, if need be) every competitor; safe to call twice."""
-        if self.processes and not self.cpu_seconds:
-            self.cpu_seconds = [_cpu_seconds(p.pid) for p in self.processes]
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-
-    def record(self) -> dict:
-        return {"processes": self.n, "work": "pure-Python integer loop, one process each",
-                "cpu_seconds": self.cpu_seconds}  # fmt: skip
-
-
-# ------------------------------------------------------------------------------- attention timing
-
-
-class AttentionTimer:
-    """Seconds spent in the model's attention function since ``seconds`` was last set to 0."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-
-@contextmanager
-def timed_attention(model, timer: AttentionTimer) -> Iterator[AttentionTimer]:
-    """Run ``model`` with its current attention function timed by ``timer``.
-
-    Registers ``"timed_<name>"`` (through transformers' ``AttentionInterface``, with the mask function
-    of ``<name>``, so masks are built exactly as before) as a function that calls the registered
-    ``<name>`` and adds its wall time to ``timer.seconds``, sets the model's attention implementation
-    to it, and restores ``<name>`` on exit. Inside :func:`dashkv.enable`, ``<name>`` is ``"dashkv"``.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    previous = model.config._attn_implementation
-    if previous not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        raise ValueError(f"attention implementation {previous!r} is not a registered function; cannot time it")
-    inner = ALL_ATTENTION_FUNCTIONS[previous]
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            timer.seconds += time.perf_counter() - start
-
-    name = f"timed_{previous}"
-    AttentionInterface.register(name, timed)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
-    model.set_attn_implementation(name)
-    try:
-        yield timer
-    finally:
-        model.set_attn_implementation(previous)
+BLOCK = 4  # tokens a row decodes before the next row's turn
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -218,7 +71,8 @@ class DecodeRun:
 
     ``kept_tokens``: keys in the cache after the prefill (fewer than ``context_tokens`` for SnapKV);
     ``attention_share``: attention seconds / decode seconds over all steps; ``attention_ms_median``:
-    the median step's attention time.
+    the median step's attention time; ``cache_mb``: what the row's cache holds after the decode
+    (buffers at their capacity, codes included).
     """
 
     context_tokens: int
@@ -230,7 +84,7 @@ class DecodeRun:
     tokens_per_s: float
     attention_ms_median: float
     attention_share: float
-    peak_rss_mb: float
+    cache_mb: float
     tokens: list[int]
 
 
@@ -244,40 +98,66 @@ def context_ids(tokenizer, length: int) -> torch.Tensor:
     return ids[:, :length]
 
 
-@torch.no_grad()
-def decode(
-    model, ids: torch.Tensor, new_tokens: int, cache, prefill: AbstractContextManager | None = None
-) -> DecodeRun:
-    """Prefill ``ids`` [1, L] into ``cache`` (inside ``prefill``, e.g. a kvpress press, if given), then
-    greedy-decode ``new_tokens`` tokens (the first from the prefill), timing each step and the
-    attention calls in it.
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a transformers cache holds (a DASH-KV layer's buffers at their capacity)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        buffers = getattr(layer, "_buffers", None)
+        tensors = buffers.values() if buffers else (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
 
-    Decode steps pass their true positions (``L``, ``L + 1``, ...): a compressed cache holds fewer
-    keys than positions, as in kvpress' own pipeline. The prefill keeps the last position's logits
-    only, as ``generate`` does.
-    """
-    length = ids.shape[1]
-    timer = AttentionTimer()
-    with PeakRss() as rss, timed_attention(model, timer):
+
+@dataclass
+class Row:
+    """A row being measured: its cache, the context it decodes in (``session``: e.g. ``dashkv.enable``)
+    and what it recorded so far."""
+
+    cache: object
+    session: Callable[[], AbstractContextManager]
+    prefill_s: float = 0.0
+    kept: int = 0
+    tokens: list[int] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    attention: list[float] = field(default_factory=list)
+
+    def result(self, length: int) -> DecodeRun:
+        median = statistics.median(self.steps)
+        return DecodeRun(length, self.kept, self.prefill_s, median * 1e3, min(self.steps) * 1e3,
+                         max(self.steps) * 1e3, 1.0 / median, statistics.median(self.attention) * 1e3,
+                         sum(self.attention) / sum(self.steps), cache_bytes(self.cache) / 2**20, self.tokens)  # fmt: skip
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, row: Row, press: AbstractContextManager | None = None) -> None:
+    """Prefill ``ids`` [1, L] into the row's cache (inside ``press``, e.g. a kvpress press, if given) in its
+    session; the first token comes from the prefill's last logits, as in ``generate``."""
+    with row.session():
         start = time.perf_counter()
-        with prefill if prefill is not None else nullcontext():
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
-        kept = cache.get_seq_length()
-        token = out.logits[:, -1:].argmax(-1)
-        tokens, steps, attention = [int(token)], [], []
-        for i in range(new_tokens - 1):
-            position = torch.tensor([[length + i]], device=ids.device)
+        with press if press is not None else nullcontext():
+            out = model(ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1)
+        row.prefill_s = time.perf_counter() - start
+    row.kept = row.cache.get_seq_length()
+    row.tokens.append(int(out.logits[:, -1:].argmax(-1)))
+
+
+@torch.no_grad()
+def decode(model, row: Row, length: int, count: int) -> None:
+    """Decode ``count`` more tokens greedily in the row's session, timing each step and the attention
+    calls in it. Steps pass their true positions (``L``, ``L + 1``, ...): a compressed cache holds fewer
+    keys than positions, as in kvpress' own pipeline."""
+    timer = AttentionTimer()
+    with row.session(), timed_attention(model, timer):
+        for _ in range(count):
+            position = torch.tensor([[length + len(row.tokens) - 1]])
+            token = torch.tensor([[row.tokens[-1]]])
             timer.seconds = 0.0
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True, position_ids=position)
+            out = model(token, past_key_values=row.cache, use_cache=True, position_ids=position)
             token = out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - start)
-            attention.append(timer.seconds)
-            tokens.append(int(token))
-    median = statistics.median(steps)
-    return DecodeRun(length, kept, prefill_s, median * 1e3, min(steps) * 1e3, max(steps) * 1e3, 1.0 / median,
-                     statistics.median(attention) * 1e3, sum(attention) / sum(steps), rss.peak / 2**20, tokens)
+            row.steps.append(time.perf_counter() - start)
+            row.attention.append(timer.seconds)
+            row.tokens.append(int(token))
 
 
 def snapkv_press(model, length: int, kept: int, window: int) -> AbstractContextManager | None:
@@ -307,10 +187,11 @@ def _leading_equal(a: list[int], b: list[int]) -> int:
 
 def compare(
     model, encoders, contexts: list[torch.Tensor], new_tokens: int, progress=None, warmup_tokens: int = 256,
-    config=None,
+    config=None, block: int = BLOCK,
 ) -> list[dict]:
     """Every row of :data:`ROWS` on each ``[1, n]`` context in turn (DASH-KV rows: ``config``, by default
-    the default config with ``bits`` of ``encoders``, ``share`` set per row).
+    the default config with ``bits`` of ``encoders``, ``share`` set per row): each row prefills its
+    own cache, then the rows decode in turns of ``block`` tokens.
 
     ``warmup_tokens`` > 0: first each row runs once, unrecorded, on that many tokens of the first
     context (thread pools, allocator, numba kernels loaded).
@@ -324,36 +205,61 @@ def compare(
     config = config if config is not None else dashkv.DashKVConfig(bits=encoders.bits)
     budget = Budget(config.high + config.mid, config.sinks, config.window)
     with_snapkv = _kvpress_available()
+    shared = {share: dataclasses.replace(config, share=share) for share in ("head", "group")}
 
-    def rows(ids: torch.Tensor, tokens: int) -> tuple[dict[str, DecodeRun], dict[str, dict]]:
-        runs, tiers = {}, {}
-        runs["full"] = decode(model, ids, tokens, DynamicCache())
-        runs["full_inplace"] = decode(model, ids, tokens, DashKVCache(None))
-        for share in ("head", "group"):
-            cfg = dataclasses.replace(config, share=share)
-            with dashkv.enable(model, encoders, cfg) as stats:
-                runs[f"dashkv_{share}"] = decode(model, ids, tokens, DashKVCache(encoders, cfg.dense_layers))
-            tiers[f"dashkv_{share}"] = stats.summary().get("mean", {})
+    def rows(ids: torch.Tensor, tokens: int) -> tuple[dict[str, DecodeRun], dict[str, dict], float]:
+        length = ids.shape[1]
+        made: dict[str, Row] = {"full": Row(DynamicCache(), nullcontext), "full_inplace": Row(DashKVCache(None), nullcontext)}
+        stats: dict[str, object] = {}
+        for share, cfg in shared.items():
+            def session(cfg=cfg, name=f"dashkv_{share}"):
+                return _recording(dashkv.enable(model, encoders, cfg), stats, name)
+
+            made[f"dashkv_{share}"] = Row(DashKVCache(encoders, cfg.dense_layers), session)
         if with_snapkv:
-            length = ids.shape[1]
-            press = snapkv_press(model, length, budget.kept(length), config.window)
-            runs["snapkv"] = decode(model, ids, tokens, DynamicCache(), prefill=press)
-        return runs, tiers
+            made["snapkv"] = Row(DynamicCache(), nullcontext)
+        with PeakRss() as rss:
+            for name, row in made.items():
+                press = snapkv_press(model, length, budget.kept(length), config.window) if name == "snapkv" else None
+                prefill(model, ids, row, press)
+            for done in range(1, tokens, block):  # the rows take turns: the same machine load for all
+                for row in made.values():
+                    decode(model, row, length, min(block, tokens - done))
+        tiers = {name: summary.summary().get("mean", {}) for name, summary in stats.items()}
+        return {name: row.result(length) for name, row in made.items()}, tiers, rss.peak / 2**20
 
     if warmup_tokens > 0 and contexts:
         rows(contexts[0][:, :warmup_tokens], 2)
     cases = []
     for ids in progress(contexts) if progress is not None else contexts:
-        runs, tiers = rows(ids, new_tokens)
+        runs, tiers, peak = rows(ids, new_tokens)
         full = runs["full"]
         cases.append({
             "length": ids.shape[1],
+            "peak_rss_mb": peak,
             "runs": {name: asdict(run) | {"vs_full": run.tokens_per_s / full.tokens_per_s,
                                           "same_tokens": _leading_equal(run.tokens, full.tokens)}
                      for name, run in runs.items()},
             "tiers": tiers,
         })  # fmt: skip
     return cases
+
+
+class _recording(AbstractContextManager):
+    """A ``dashkv.enable`` block whose tier counts are added to ``stats[name]`` (a :class:`TierStats`)."""
+
+    def __init__(self, block: AbstractContextManager, stats: dict, name: str):
+        self.block, self.stats, self.name = block, stats, name
+
+    def __enter__(self):
+        self.tier_stats = self.block.__enter__()
+        return self.tier_stats
+
+    def __exit__(self, *exc):
+        from dashkv.stats import TierStats
+
+        self.stats.setdefault(self.name, TierStats()).merge(self.tier_stats)
+        return self.block.__exit__(*exc)
 
 
 def check_options(
@@ -447,6 +353,7 @@ def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, pro
         "snapkv_keeps": "Budget(high + mid, sinks, window).kept(L) keys per KV head (DASH-KV's high + mid)",
         "rows": {name: label for name, label in ROWS.items() if name != "snapkv" or _kvpress_available()},
         "new_tokens": new_tokens,
+        "block": BLOCK,
         "busy": competitors.record(),
         "cases": cases,
     }  # fmt: skip
@@ -455,7 +362,7 @@ def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, pro
 def table(results: dict) -> str:
     """Markdown table: one line per context length and row."""
     lines = ["| context | method | decode ms/token (min-max) | tok/s | vs full | attention | prefill s | "
-             "peak RSS MB | tokens = full |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "cache MB | tokens = full |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     labels = results.get("rows", ROWS)
     for case in results["cases"]:
         for name, r in case["runs"].items():
@@ -463,12 +370,14 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {r['context_tokens']}{kept} | {labels.get(name, name)} | {r['step_ms_median']:.1f} "
                 f"({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | {r['tokens_per_s']:.1f} | {r['vs_full']:.2f} | "
-                f"{r['attention_share']:.0%} | {r['prefill_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['attention_share']:.0%} | {r['prefill_s']:.2f} | {r['cache_mb']:.0f} | "
                 f"{r['same_tokens']}/{len(r['tokens'])} |"
             )
     busy = results.get("busy", {}).get("processes", 0)
     load = f"; {busy} CPU-bound competitor processes running" if busy else ""
     below = results.get("config", {}).get("dense_below", 0)
     exact = f"; DASH-KV attends exactly below {below} keys (dense_below)" if below else ""
-    lines.append(f"\nencoders: {results['encoders']}; {results['new_tokens']} new tokens per case{load}{exact}")
+    peaks = ", ".join(f"{c['length']}: {c['peak_rss_mb']:.0f}" for c in results["cases"] if "peak_rss_mb" in c)
+    lines.append(f"\nencoders: {results['encoders']}; {results['new_tokens']} new tokens per case, the rows taking "
+                 f"turns of {results.get('block', BLOCK)}{load}{exact}" + (f"; peak RSS MB (all rows) {peaks}" if peaks else ""))
     return "\n".join(lines)

@@ -85,13 +85,23 @@ def softmax_part(logit, lo, hi, idx, vals, half, kbase, acc, probs, row, want_pr
         e = expf(logit[np.uintp(i)] - m)
         logit[np.uintp(i)] = e
         total += e
-    for i in range(lo, hi):
-        ui = np.uintp(i)
-        if i + AHEAD < hi:
+    i = lo
+    while i + 4 <= hi:  # four rows a pass: acc is read and written once for four keys
+        for k in range(i + AHEAD, min(hi, i + AHEAD + 4)):
             for j in range(0, dim, line):
-                prefetch(vals, kbase + idx[np.uintp(i + AHEAD)], j)
-        e = logit[ui]
-        vrow = np.uintp(kbase + idx[ui])
+                prefetch(vals, kbase + idx[np.uintp(k)], j)
+        ui = np.uintp(i)
+        e0, e1, e2, e3 = logit[ui], logit[ui + 1], logit[ui + 2], logit[ui + 3]
+        r0, r1 = np.uintp(kbase + idx[ui]), np.uintp(kbase + idx[ui + 1])
+        r2, r3 = np.uintp(kbase + idx[ui + 2]), np.uintp(kbase + idx[ui + 3])
+        for j in range(dim):
+            acc[j] += (e0 * load_f32(vals[r0, j], half) + e1 * load_f32(vals[r1, j], half)) + (
+                e2 * load_f32(vals[r2, j], half) + e3 * load_f32(vals[r3, j], half)
+            )
+        i += 4
+    for i in range(i, hi):
+        e = logit[np.uintp(i)]
+        vrow = np.uintp(kbase + idx[np.uintp(i)])
         for j in range(dim):
             acc[j] += e * load_f32(vals[vrow, j], half)
     if want_probs:

@@ -124,7 +124,7 @@ class DashKVConfig:
     dense_layers: tuple[int, ...] = field(default=(0,))
     prefill: str = "dense"
     chunk_size: int = 256
-    dense_below: int = 4096
+    dense_below: int = 6144
     backend: str = "auto"
     selector: str = "hash"
     share: str = "head"

@@ -127,7 +127,7 @@ class LayerHashEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_key(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed key codes and centred norms, computed once when keys enter the cache.
+        """Packed key codes and centred norms, computed once per key and kept in the cache.
 
         Returns
         -------

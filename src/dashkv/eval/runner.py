@@ -87,10 +87,11 @@ def prefill_context(
 ) -> tuple[DashKVCache, float]:
     """Prefill ``ids`` [1, L] once into a cache both full attention and DASH-KV can answer from.
 
-    The forward runs under :func:`dashkv.enable` into a :class:`~dashkv.cache.DashKVCache` that codes
-    each key as it enters; with the default ``config.prefill == "dense"`` the attention of that
-    forward is exact SDPA, so the K/V are those of a plain prefill (:func:`dynamic_copy` gives full
-    attention its own copy). Returns the cache and the seconds the prefill took.
+    The forward runs under :func:`dashkv.enable` into a :class:`~dashkv.cache.DashKVCache` (its key codes
+    are computed at DASH-KV's first read); with the default ``config.prefill == "dense"`` the
+    attention of that forward is exact SDPA, so the K/V are those of a plain prefill
+    (:func:`dynamic_copy` gives full attention its own copy). Returns the cache and the seconds the
+    prefill took.
     """
     cache = DashKVCache(encoders, config.dense_layers)
     start = time.perf_counter()

@@ -131,6 +131,7 @@ def tiered_step(
     want_prior: bool = False,
     want_weights: bool = True,
     plan: LayerPlan | None = None,
+    coded: int | None = None,
 ) -> StepResult:
     """DASH-KV attention of one layer for a block of query tokens: the backend's ``layer_step``.
 
@@ -147,6 +148,8 @@ def tiered_step(
     want_prior, want_weights : return the updated prior / the ``[B, H, T, S]`` weights and tiers
     plan : the layer's plan (:func:`layer_plan` of the same backend, encoder, config and flags), made
         here when None; the decode path passes the one it keeps
+    coded : int or None -- keys from this position on have no codes yet: the step writes them into
+        ``key_codes`` / ``key_norms`` (a cache's buffers, :meth:`dashkv.cache.DashKVLayer.code_views`)
     """
     ops = ops or get_backend(config.backend, query.device)
     if config.selector == "oracle":
@@ -158,7 +161,8 @@ def tiered_step(
     if plan is None:
         plan = layer_plan(ops, encoder, config, query.shape[1], key.shape[1], scaling, want_prior=want_prior,
                           want_weights=want_weights)  # fmt: skip
-    inputs = StepInputs(query, key, value, None, key_codes, key_norms, visible, always, prior if config.momentum else None)
+    inputs = StepInputs(query, key, value, None, key_codes, key_norms, visible, always,
+                        prior if config.momentum else None, coded)  # fmt: skip
     out = ops.layer_step(plan, inputs)
     return StepResult(out.output, out.probs, out.tiers, out.prior, out.counts)
 
@@ -254,16 +258,18 @@ class DashKVRuntime:
             self._masks[key] = held
         return held[1], held[2]
 
-    def _codes(self, layer_idx: int, key: torch.Tensor, encoder: LayerHashEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes(self, layer_idx: int, key: torch.Tensor, encoder: LayerHashEncoder):
+        """``(codes, norms, coded, cache layer)`` of the layer's keys: the cache's buffers, whose keys from
+        ``coded`` on the step codes, or codes made on the fly (no cache; ``coded`` and layer None)."""
         layers = getattr(self.cache, "layers", None)
         if layers is not None and layer_idx < len(layers):
             layer = layers[layer_idx]
-            if getattr(layer, "keys", None) is key and getattr(layer, "codes", None) is not None:
-                return layer.codes, layer.key_norms
+            if getattr(layer, "keys", None) is key and getattr(layer, "encoder", None) is not None:
+                return (*layer.code_views(), layer)
         if not self._warned:
             logger.warning("no DASH-KV cache for this forward: key codes are computed on the fly (slower)")
             self._warned = True
-        return encoder.encode_key(key)
+        return (*encoder.encode_key(key), None, None)
 
     def _backend(self, device: torch.device) -> ModuleType:
         held = self._ops
@@ -306,7 +312,7 @@ class DashKVRuntime:
             return result.output.transpose(1, 2)
 
         encoder = self._encoders[layer_idx]
-        codes, norms = self._codes(layer_idx, key, encoder)
+        codes, norms, coded, layer = self._codes(layer_idx, key, encoder)
         plan = None if cfg.selector == "oracle" else self._plan(layer_idx, encoder, ops, heads, key.shape[1], scaling)
         outputs, priors = [], []
         whole = queries <= cfg.chunk_size  # one block (decode): the forward's own mask tensors, whose
@@ -320,8 +326,11 @@ class DashKVRuntime:
                 query if whole else query[:, :, rows], key, value, codes, norms, encoder, cfg,
                 visible if whole else visible[:, :, rows], scaling, prior, ops,
                 always=always if whole else always[:, :, rows], want_prior=cfg.momentum,
-                want_weights=cfg.selector == "oracle", plan=plan,
+                want_weights=cfg.selector == "oracle", plan=plan, coded=coded,
             )  # fmt: skip
+            if layer is not None and plan is not None:  # the step wrote the codes of the new keys
+                layer.mark_coded()
+                coded = None
             if result.counts is not None:
                 self.stats.record_counts(layer_idx, result.counts)
             else:

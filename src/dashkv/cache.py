@@ -78,6 +78,29 @@ class DashKVLayer(DynamicLayer):
         self._encode_pending()
         return self._buffers["key_norms"][:, :, : self.length]
 
+    def code_views(self, pending: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Views of the codes and norms buffers ``[B, Hkv, S, ...]`` and the first key without its code:
+        the keys from there on are left to the caller to code into the views (a decode step's new key),
+        unless there are more than ``pending`` of them (after a prefill): those are coded here, in one
+        batch. The caller marks them coded (:meth:`mark_coded`) once written."""
+        if self.length - self.coded > pending:
+            self._encode_pending()
+        else:
+            self._allocate_codes()
+        buffers = self._buffers
+        return buffers["codes"][:, :, : self.length], buffers["key_norms"][:, :, : self.length], self.coded
+
+    def mark_coded(self) -> None:
+        """Every key has its code in the buffers (a caller of :meth:`code_views` wrote the rest)."""
+        self.coded = self.length
+
+    def _allocate_codes(self) -> None:
+        if "codes" not in self._buffers:
+            keys = self._buffers["keys"]
+            words = -(-self.encoder.bits // 64)
+            self._buffers["codes"] = torch.empty((*keys.shape[:3], words), dtype=torch.int64, device=keys.device)
+            self._buffers["key_norms"] = torch.empty(keys.shape[:3], dtype=torch.float32, device=keys.device)
+
     def _encode_pending(self) -> None:
         """Codes and norms of the keys ``[coded, length)``, written into their buffers."""
         if self.coded >= self.length:
@@ -87,10 +110,7 @@ class DashKVLayer(DynamicLayer):
             self.encoder.to(keys.device)
             self._encode = get_backend("auto", keys.device).encode_key
         codes, norms = self._encode(self.encoder, keys[:, :, self.coded : self.length])
-        if "codes" not in self._buffers:
-            shape = (*keys.shape[:3], codes.shape[-1])
-            self._buffers["codes"] = torch.empty(shape, dtype=codes.dtype, device=keys.device)
-            self._buffers["key_norms"] = torch.empty(keys.shape[:3], dtype=norms.dtype, device=keys.device)
+        self._allocate_codes()
         self._buffers["codes"][:, :, self.coded : self.length] = codes
         self._buffers["key_norms"][:, :, self.coded : self.length] = norms
         self.coded = self.length

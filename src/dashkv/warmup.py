@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 COLD_MESSAGE = "compiling DASH-KV CPU kernels once; run `dashkv warmup` ahead of time"
 
 DECODE_KERNELS = (
-    "encode.key_codes_kernel",
     "step.step_kernel",
     "attend.attn_tiers_kernel",
     "attend.merge_kernel",

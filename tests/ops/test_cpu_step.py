@@ -116,3 +116,34 @@ def test_whole_number_budgets_in_the_config_are_shares_on_both_paths():
     assert (fused.tiers == ref.HIGH).all()
     assert torch.equal(fused.tiers, reference.tiers)
     torch.testing.assert_close(fused.output, reference.output)
+
+
+@pytest.mark.parametrize("ops", [ref, cpu], ids=["reference", "cpu"])
+def test_the_step_codes_the_keys_added_since_the_codes_were_read(ops):
+    """A decode step over a cache whose newest keys have no codes yet (``coded``) writes their codes and
+    norms into the cache's buffers, by the plan's encoder, and attends as if they had been there."""
+    from dashkv.cache import DashKVLayer
+
+    gen = torch.Generator().manual_seed(3)
+    enc = _encoder(gen, 9, 3, 16, 128)
+    key, value = torch.randn(2, 1, 3, 300, 16, generator=gen)
+    layer = DashKVLayer(enc)
+    layer.update(key[:, :, :296], value[:, :, :296])
+    assert layer.code_views()[2] == 296  # a prefill's keys are coded in one batch
+    layer.update(key[:, :, 296:], value[:, :, 296:])
+    codes, norms, coded = layer.code_views()
+    assert coded == 296
+    codes[:, :, coded:] = 12345  # whatever the buffers held
+    norms[:, :, coded:] = -1.0
+    cfg = DashKVConfig(bits=128, high=0.1, mid=0.2, sinks=2, window=8, dense_layers=())
+    query = torch.randn(1, 9, 1, 16, generator=gen)
+    visible = visibility(1, 1, 300, None, key.device)
+    got = tiered_step(query, layer.keys, layer.values, codes, norms, enc, cfg, visible, 0.25, None, ops=ops,
+                      want_weights=False, coded=coded)  # fmt: skip
+    new_codes, new_norms = ops.encode_key(enc, key[:, :, 296:])
+    assert torch.equal(codes[:, :, 296:], new_codes)
+    torch.testing.assert_close(norms[:, :, 296:], new_norms, rtol=1e-6, atol=1e-6)
+    whole = tiered_step(query, layer.keys, layer.values, codes.clone(), norms.clone(), enc, cfg, visible, 0.25, None,
+                        ops=ops, want_weights=False)  # fmt: skip
+    torch.testing.assert_close(got.output, whole.output, rtol=0, atol=0)
+    assert torch.equal(got.counts, whole.counts)

@@ -313,6 +313,9 @@ class StepInputs(NamedTuple):
     visible : Tensor[B, 1, T, S], bool -- causal and padding mask
     always : Tensor[B, 1, T, S], bool -- sinks and local window (always high)
     prior : Tensor[B, T, S] float32 or None -- cross-layer attention prior of this step
+    coded : int or None -- for :func:`layer_step`: keys from this position on have no codes and norms
+        yet; the step computes them with the plan's encoder and writes them into ``key_codes`` and
+        ``key_norms`` (a cache's buffers). None: every key has its code.
     """
 
     query: torch.Tensor
@@ -324,6 +327,7 @@ class StepInputs(NamedTuple):
     visible: torch.Tensor
     always: torch.Tensor
     prior: torch.Tensor | None
+    coded: int | None = None
 
 
 class StepSettings(NamedTuple):
@@ -451,9 +455,19 @@ def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> L
     return LayerPlan(encoder, settings, mid)
 
 
+def code_new_keys(encoder, inputs: StepInputs, encode=encode_key) -> None:
+    """Write the codes and norms of the keys from ``inputs.coded`` on into ``inputs.key_codes`` and
+    ``inputs.key_norms`` (see :class:`StepInputs`), by ``encode`` (a backend's ``encode_key``)."""
+    if inputs.coded is not None and inputs.coded < inputs.key.shape[2]:
+        codes, norms = encode(encoder, inputs.key[:, :, inputs.coded :])
+        inputs.key_codes[:, :, inputs.coded :] = codes
+        inputs.key_norms[:, :, inputs.coded :] = norms
+
+
 def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
-    """One layer's step from its plan: the query codes (where ``inputs.query_codes`` is None, by the
-    plan's encoder), then :func:`decode_step`."""
+    """One layer's step from its plan: the codes of keys not coded yet and of the queries (where
+    ``inputs.query_codes`` is None), by the plan's encoder, then :func:`decode_step`."""
+    code_new_keys(plan.encoder, inputs)
     if inputs.query_codes is None:
         inputs = inputs._replace(query_codes=encode_query(plan.encoder, inputs.query))
     return decode_step(inputs, plan.settings, plan.mid)

@@ -17,7 +17,7 @@ from dashkv.ops.cpu import fused
 from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.attend import attn_tiers_kernel, merge_kernel, scale_probs
 from dashkv.ops.cpu.encode import NO_ENCODER, encode_query, few_rows
-from dashkv.ops.cpu.plan import NO_MASK, NO_MID, NO_ROWS, Prepared, plan_layer
+from dashkv.ops.cpu.plan import NO_KEY_ENCODER, NO_MASK, NO_MID, NO_ROWS, Prepared, plan_layer
 from dashkv.ops.cpu.scratch import step_scratch
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
 from dashkv.ops.cpu.step import Budget, Calibration, MidTier, Prior, step_kernel
@@ -226,7 +226,8 @@ def tiered_attention(
 # ------------------------------------------------------------------------ the fused decode step
 
 
-def _run_step(q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scaling, want_weights) -> StepOutputs:
+def _run_step(q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mid, prior, scaling,
+              want_weights) -> StepOutputs:  # fmt: skip
     """:func:`~dashkv.ops.cpu.step.step_kernel` with its scratch, and its results as tensors."""
     nbatch, heads, tokens = shape
     seq = kv.length
@@ -236,8 +237,8 @@ def _run_step(q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scali
                              group)  # fmt: skip
     out = np.empty((nbatch * heads * tokens, q.shape[1]), np.float32)
     counts, prior_np, probs, tiers = step_kernel(
-        q, qc, shape, encoder, kv, masks, budget, calib, mid, prior, scaling, want_weights, want_weights, dist, off,
-        out, CHUNK,
+        q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mid, prior, scaling, want_weights,
+        want_weights, dist, off, out, CHUNK,
     )  # fmt: skip
     output = torch.from_numpy(out).view(nbatch, heads, tokens, -1)
     prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior.want else None
@@ -293,15 +294,18 @@ def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
         qc = vw.codes_array(encode_query(plan.encoder, query))
     if qc.size and qc.shape[:3] != (nbatch, heads, tokens) or inputs.key_codes.shape[:3] != key.shape[:3]:
         raise ValueError("codes do not match query / key shapes")
-    kv = vw.layer_rows(key, inputs.value, heads, inputs.key_codes, inputs.key_norms if prep.mid.on else None)
+    coded = seq if inputs.coded is None else inputs.coded
+    if coded < seq and plan.encoder is None:
+        raise ValueError(f"keys from {coded} on have no codes and the plan has no encoder to code them")
+    kv = vw.layer_rows(key, inputs.value, heads, inputs.key_codes, inputs.key_norms)
     group = prep.calib.group
     masks = vw.mask_rows(inputs.visible, inputs.always, (nbatch, kv.kv_heads if group else heads, tokens, seq),
                          heads, group)  # fmt: skip
     given = inputs.prior is not None
     prior = Prior(_f32_array(inputs.prior).reshape(nbatch * tokens, seq) if given else _NO_PRIOR, given, prep.decay,
                   prep.want_prior)  # fmt: skip
-    out = _run_step(q, qc, (nbatch, heads, tokens), encoder, kv, masks, prep.budget, prep.calib, prep.mid, prior,
-                    prep.scaling, prep.want_weights)  # fmt: skip
+    out = _run_step(q, qc, (nbatch, heads, tokens), encoder, prep.keys, coded, kv, masks, prep.budget, prep.calib,
+                    prep.mid, prior, prep.scaling, prep.want_weights)  # fmt: skip
     return out if query.dtype == torch.float32 else out._replace(output=out.output.to(query.dtype))
 
 
@@ -410,8 +414,8 @@ def dash_attention(
                         int(temporal_step), 0.0, tmask, temporal is not None)  # fmt: skip
     tier = _given_mid(mid, (nbatch, heads, tokens), words) if mid is not None else NO_MID
     q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
-    out = _run_step(q, vw.codes_array(query_codes), (nbatch, heads, tokens), NO_ENCODER, kv, masks, budget, calib,
-                    tier, Prior(_NO_PRIOR, False, 0.0, False), np.float32(scaling), want)  # fmt: skip
+    out = _run_step(q, vw.codes_array(query_codes), (nbatch, heads, tokens), NO_ENCODER, NO_KEY_ENCODER, seq, kv,
+                    masks, budget, calib, tier, Prior(_NO_PRIOR, False, 0.0, False), np.float32(scaling), want)  # fmt: skip
     output = out.output if query.dtype == torch.float32 else out.output.to(query.dtype)
     return output, out.probs if return_probs else None, out.tiers if return_tiers else None
 

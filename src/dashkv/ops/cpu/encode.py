@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from dashkv.ops.cpu.jit import FASTMATH, JIT, expf
+from dashkv.ops.cpu.jit import FASTMATH, JIT, expf, load_f32
 
 MAX_ROWS = 64
 """Rows (batch x heads x tokens) up to which the compiled encoders run."""
@@ -105,26 +105,40 @@ def query_codes_kernel(q, heads, tokens, w1, b1, w2, b2, w3, b3, skip, out):
 
 
 @njit(fastmath=FASTMATH, **JIT)
-def key_codes_kernel(k, kheads, tokens, center, proj_w, out, norms):
-    """Packed codes ``sign(W_k (k - mu))`` and centred norms ``|k - mu|`` of ``k [N, D]`` (rows
-    ``(b, kvh, t)``)."""
-    rows, dim = k.shape
-    bits = proj_w.shape[1]
-    proj = np.empty((rows, bits), np.float32)
-    centred = np.empty(dim, np.float32)
-    for n in range(rows):
-        kvh = (n // tokens) % kheads
-        sq = np.float32(0.0)
+def code_key_row(keys, n, half, kvh, center, proj_w, codes, norms, centred, proj):
+    """Packed code ``sign(W_k (k - mu))`` and centred norm ``|k - mu|`` of key row ``keys[n]`` (of KV
+    head ``kvh``; raw 16-bit floats where ``half``) into ``codes[n]`` and ``norms[n]``; ``centred [D]``
+    and ``proj [R]`` are scratch."""
+    dim = keys.shape[1]
+    un = np.uintp(n)
+    sq = np.float32(0.0)
+    for j in range(dim):
+        c = load_f32(keys[un, np.uintp(j)], half) - center[kvh, j]
+        centred[j] = c
+        sq += c * c
+    norms[un] = np.sqrt(sq)
+    for r in range(proj_w.shape[1]):
+        acc = np.float32(0.0)
         for j in range(dim):
-            centred[j] = k[n, j] - center[kvh, j]
-            sq += centred[j] * centred[j]
-        norms[n] = np.sqrt(sq)
-        for r in range(bits):
-            acc = np.float32(0.0)
-            for j in range(dim):
-                acc += proj_w[kvh, r, j] * centred[j]
-            proj[n, r] = acc
-    _pack(proj, out)
+            acc += proj_w[kvh, r, j] * centred[j]
+        proj[r] = acc
+    for w in range(codes.shape[1]):
+        word = np.uint64(0)
+        for b in range(64):
+            r = 64 * w + b
+            if r < proj.shape[0] and proj[r] >= 0:
+                word |= np.uint64(1) << np.uint64(b)
+        codes[un, w] = np.int64(word)
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def key_codes_kernel(k, kheads, tokens, center, proj_w, out, norms):
+    """Packed codes ``sign(W_k (k - mu))`` and centred norms ``|k - mu|`` of ``k [N, D]`` float32 (rows
+    ``(b, kvh, t)``)."""
+    centred = np.empty(k.shape[1], np.float32)
+    proj = np.empty(proj_w.shape[1], np.float32)
+    for n in range(k.shape[0]):
+        code_key_row(k, n, 0, (n // tokens) % kheads, center, proj_w, out, norms, centred, proj)
 
 
 class QueryEncoder(NamedTuple):
@@ -184,10 +198,17 @@ def query_encoder(encoder) -> QueryEncoder:
     return _kept(encoder, "_cpu_query_encoder", params, lambda: QueryEncoder(True, *map(_f32, params)))
 
 
-def key_encoder(encoder) -> tuple[np.ndarray, np.ndarray]:
-    """``(key_center [Hkv, D], key_proj [Hkv, R, D])`` as float32 arrays."""
+class KeyEncoder(NamedTuple):
+    """A layer's key encoder as float32 arrays: centres ``[Hkv, D]`` and projections ``[Hkv, R, D]``."""
+
+    center: np.ndarray
+    proj: np.ndarray
+
+
+def key_encoder(encoder) -> KeyEncoder:
+    """The key encoder's weights as float32 arrays."""
     params = [encoder.key_center, encoder.key_proj]
-    return _kept(encoder, "_cpu_key_encoder", params, lambda: tuple(map(_f32, params)))
+    return _kept(encoder, "_cpu_key_encoder", params, lambda: KeyEncoder(*map(_f32, params)))
 
 
 def _rows(t: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:

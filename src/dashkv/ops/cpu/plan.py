@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dashkv.ops.cpu.encode import QueryEncoder, query_encoder
+from dashkv.ops.cpu.encode import KeyEncoder, QueryEncoder, key_encoder, query_encoder
 from dashkv.ops.cpu.step import Budget, Calibration, MidTier
 from dashkv.ops.cpu.tables import byte_tables, cos_table
 from dashkv.ops.reference import LayerPlan, MidTierWeights, StepSettings
@@ -22,6 +22,7 @@ class Prepared(NamedTuple):
     """The CPU backend's :attr:`LayerPlan.prepared`: the kernel's fixed inputs of one layer."""
 
     encoder: QueryEncoder
+    keys: KeyEncoder
     budget: Budget
     calib: Calibration
     mid: MidTier
@@ -39,6 +40,7 @@ _F1 = np.zeros(1, np.float32)
 NO_MID = MidTier(False, np.zeros((1, 1), np.float32), _F1, _F1, _F1, _F1, np.zeros((1, 16, 256), np.float32), _F1,
                  _F1, 1)  # fmt: skip
 NO_ROWS = np.zeros(1, np.int64)
+NO_KEY_ENCODER = KeyEncoder(np.zeros((1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
 NO_MASK = np.zeros((1, 1), np.uint8)
 
 
@@ -68,7 +70,7 @@ def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> L
     words = -(-settings.bits // 64)
     tier = mid_tier(mid, heads, settings.bits, words) if mid is not None and settings.mid > 0 else NO_MID
     prepared = Prepared(
-        query_encoder(encoder),
+        query_encoder(encoder), key_encoder(encoder) if encoder is not None else NO_KEY_ENCODER,
         Budget(True, float(settings.high), float(settings.mid), NO_ROWS, NO_ROWS),
         Calibration(int(settings.bits), settings.share == "group", int(settings.min_votes), int(settings.spatial_step),
                     int(settings.temporal_step), float(settings.momentum_ratio), NO_MASK, False),

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from dashkv.ops.cpu.attend import merge_kernel
-from dashkv.ops.cpu.encode import query_codes_kernel
+from dashkv.ops.cpu.encode import code_key_row, query_codes_kernel
 from dashkv.ops.cpu.fused import attend_kernel, calibrate_kernel, distance_kernel
 from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, mask_row
 from dashkv.ops.cpu.select import thresholds
@@ -148,6 +148,19 @@ def query_mid_inputs(q, heads, tokens, kheads, center):
     return qnorm, qdc
 
 
+@njit(**JIT)
+def code_new_keys(rows, keyenc, coded):
+    """Codes and norms of the keys ``[coded, S)`` of every (batch, KV head), written into ``rows.codes``
+    and ``rows.norms`` (the cache's buffers): the keys added since the codes were last read."""
+    kheads, stride = rows.kv_heads, rows.stride
+    centred = np.empty(rows.keys.shape[1], np.float32)
+    proj = np.empty(keyenc.proj.shape[1], np.float32)
+    for bk in range(rows.keys.shape[0] // stride):  # (batch, KV head) blocks
+        for s in range(coded, rows.length):
+            code_key_row(rows.keys, bk * stride + s, rows.half, bk % kheads, keyenc.center, keyenc.proj, rows.codes,
+                         rows.norms, centred, proj)  # fmt: skip
+
+
 @njit(fastmath=FASTMATH, **PJIT)
 def prior_kernel(parts, factor, heads, tokens, chunk, prior, out):
     """The next layer's prior ``out [B*T, S] = decay * prior + (1 - decay) * mean_h(weights)`` (the mean
@@ -208,15 +221,16 @@ def weights_kernel(parts, factor, chunk, probs):
 # parallel=True although the driver itself has no prange: a cached serial function that calls
 # parallel ones segfaults when loaded from numba's cache (numba issue #8578)
 @njit(**PJIT)
-def step_kernel(q, qc_given, shape, encoder, rows, masks, budget, calib, mid, prior, scaling, keep_probs,
-                want_tiers_out, dist, off, out, chunk):  # fmt: skip
+def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget, calib, mid, prior, scaling,
+                keep_probs, want_tiers_out, dist, off, out, chunk):  # fmt: skip
     """The decode step from the queries on (:func:`dashkv.ops.cpu.api.dash_attention`).
 
     ``q [B*H*T, D]`` float32 queries of ``shape = (B, H, T)``; ``qc_given [B, H, T, W]`` their hash
     codes, unless ``encoder.on`` (then the step encodes them); ``rows``, ``masks``: the keys and the
-    visibility rows (:mod:`dashkv.ops.cpu.views`); ``budget``, ``calib``, ``mid``, ``prior``: the
-    named tuples above. ``dist``, ``off``: scratch of the right dtypes. Writes ``out [B*H*T, D]``
-    float32.
+    visibility rows (:mod:`dashkv.ops.cpu.views`); the keys from ``coded`` on have no codes yet: the
+    step writes them, by ``keyenc``, into ``rows.codes`` and ``rows.norms``. ``budget``, ``calib``,
+    ``mid``, ``prior``: the named tuples above. ``dist``, ``off``: scratch of the right dtypes.
+    Writes ``out [B*H*T, D]`` float32.
 
     Returns ``(counts [3], prior [B*T, S], probs [B*H*T, S], tiers [rows, S])``; the last three are
     ``[1, 1]`` placeholders unless asked for (``prior.want``; ``keep_probs``; ``want_tiers_out``).
@@ -224,6 +238,8 @@ def step_kernel(q, qc_given, shape, encoder, rows, masks, budget, calib, mid, pr
     nbatch, heads, tokens = shape
     dim = q.shape[1]
     nrows = nbatch * heads * tokens
+    if coded < rows.length:
+        code_new_keys(rows, keyenc, coded)
     if encoder.on:
         words = (encoder.w3.shape[0] + 63) // 64
         codes = np.empty((nrows, words), np.int64)

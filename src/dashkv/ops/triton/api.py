@@ -18,13 +18,14 @@ from dashkv.ops.reference import (
     StepInputs,
     StepOutputs,
     StepSettings,
+    code_new_keys,
     expand_kv,
     plan_layer,  # noqa: F401 - the reference's plan: nothing to prepare on the GPU
 )
 from dashkv.ops.triton import common
 from dashkv.ops.triton.attend import attend_kernel, merge_kernel, weights_kernel
 from dashkv.ops.triton.common import BLOCK_M, pow2
-from dashkv.ops.triton.encode import encode_query
+from dashkv.ops.triton.encode import encode_key, encode_query
 from dashkv.ops.triton.launch import check_device, interpreting
 from dashkv.ops.triton.scan import dense_hist_kernel, scan_kernel
 from dashkv.ops.triton.select import calibrate_kernel, dense_select_kernel, thresholds_kernel
@@ -409,8 +410,10 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
 
 
 def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:
-    """One layer's step from its plan (see :func:`dashkv.ops.reference.layer_step`): the query codes by the
-    plan's encoder where ``inputs.query_codes`` is None, then :func:`decode_step`."""
+    """One layer's step from its plan (see :func:`dashkv.ops.reference.layer_step`): the codes of keys not
+    coded yet and of the queries (where ``inputs.query_codes`` is None) by the plan's encoder, then
+    :func:`decode_step`."""
+    code_new_keys(plan.encoder, inputs, encode_key)
     if inputs.query_codes is None:
         inputs = inputs._replace(query_codes=encode_query(plan.encoder, inputs.query))
     return decode_step(inputs, plan.settings, plan.mid)

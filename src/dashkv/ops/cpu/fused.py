@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from dashkv.ops.cpu.attend import attend_chunk
-from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, mask_row, popcount, task_span
+from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, compress16, mask_row, popcount, task_span
 from dashkv.ops.cpu.select import hamming_row
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
 
@@ -171,9 +171,12 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
     keep = kept_keys.shape[0] == nbatch * heads * tokens and kept_keys.shape[1] == seq  # for the prior / weights
     for task in prange(nbatch * kheads * nch):
         b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
-        flag = np.empty(s1 - s0, np.uint8)
-        cand = np.empty(s1 - s0, np.int64)
-        idx = np.empty(s1 - s0, np.int64)
+        high_f = np.empty(s1 - s0, np.uint8)
+        mid_f = np.empty(s1 - s0, np.uint8)
+        tie_f = np.empty(s1 - s0, np.uint8)
+        idx = np.empty(s1 - s0 + 16, np.int32)  # 16 entries of room: a compress stores 16 lanes
+        mids = np.empty(s1 - s0 + 16, np.int32)
+        ties = np.empty(s1 - s0 + 16, np.int32)
         dd = np.empty(s1 - s0, np.int64)
         logit = np.empty(s1 - s0, np.float32)
         est = np.empty(s1 - s0, np.float32)
@@ -187,8 +190,8 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
                 if g == 0 or not group:
                     srow = selection_row(b, kvh, g, t, kheads, groups, tokens, group)
                     nh, nm, n_mid = _select_chunk(
-                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks,
-                        th_h, nd_h, tb_h, th_m, nd_m, tb_m, mid.on, tiers, want_tiers, flag, cand, idx, dd,
+                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m, nd_m,
+                        tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
                     )  # fmt: skip
                 if group and mid.on:  # this head's own raw distances of the shared selection
                     for i in range(nh + nm):
@@ -224,63 +227,77 @@ def selection_row(b, kvh, g, t, kheads, groups, tokens, group):
 
 
 @njit(**JIT)
+def _compact(flags, n, base, out):
+    """Positions ``base + i`` of the non-zero ``flags[:n]``, ascending, into ``out``; returns how many
+    (``out`` has 16 entries of room past ``n``)."""
+    count = 0
+    i = 0
+    while i + 16 <= n:
+        count += compress16(flags, i, base, out, count)
+        i += 16
+    for j in range(i, n):
+        out[np.uintp(count)] = base + j
+        count += np.int64(flags[np.uintp(j)] != 0)
+    return count
+
+
+@njit(**JIT)
 def _select_chunk(
     srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks,
-    th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, flag, cand, idx, dd,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
 ):  # fmt: skip
     """One selection row's high keys into ``idx[:nh]`` and mid keys into ``idx[nh:nh + nm]`` (their raw
     distances in ``dd``; the mid keys only where ``has_mid``), tiers written if wanted. Returns
-    ``(nh, nm, mid keys)``."""
+    ``(nh, nm, mid keys)``.
+
+    Keys below the high threshold (and pinned ones) are high and those strictly between the two
+    thresholds mid, flagged in one vectorised pass and gathered by compress; only the keys tied at a
+    threshold go through the ordered loop that gives ties to the latest keys (the reference's rule)."""
     vis = masks.vis
     mr = mask_row(srow, masks.dims)
     th = th_h[srow]
     tm = th_m[srow]
-    tcand = max(th, tm)
     r, m, o = np.uintp(srow), np.uintp(mr), np.uintp(b * tokens + t)
-    # candidates (always high, or eligible within the larger threshold): flags (vectorised), then a
-    # branch-free compaction, latest first
-    for i in range(s1 - s0):
+    n = s1 - s0
+    for i in range(n):  # vectorised
         s = np.uintp(s0 + i)
         k = vis[m, s]
         d = np.int64(dist[r, s]) + (off[o, s] if has_off else 0)
-        flag[i] = (k == 2) | ((k == 1) & (d <= tcand))
-    n = 0
-    for i in range(s1 - s0 - 1, -1, -1):
-        cand[np.uintp(n)] = s0 + i
-        n += np.int64(flag[np.uintp(i)])
-    if want_tiers:
-        for i in range(s1 - s0):
-            s = np.uintp(s0 + i)
-            tiers[r, s] = LOW if vis[m, s] else HIDDEN
-    # tiers of the candidates (ties: later positions first); high to idx, mid to the front of cand
+        elig = k == 1
+        high_f[i] = (k == 2) | (elig & (d < th))
+        mid_f[i] = elig & (d > th) & (d < tm)
+        tie_f[i] = elig & ((d == th) | (d == tm))
+    nh = _compact(high_f, n, s0, idx)
+    n_mid = _compact(mid_f, n, s0, mids)
+    n_tie = _compact(tie_f, n, s0, ties)
     cnt_h = tb_h[srow, c]
     cnt_m = tb_m[srow, c]
     ndh = nd_h[srow]
     ndm = nd_m[srow]
-    nh = 0
-    nm = 0
-    n_mid = 0
-    for i in range(n):  # branch-free: ties at a threshold are counted in order, latest first
-        s = cand[np.uintp(i)]
-        us = np.uintp(s)
-        raw = np.int64(dist[r, us])
-        d = raw + off[o, us] if has_off else raw
-        pinned = vis[m, us] == 2
-        tie_h = (d == th) & ~pinned
-        tie_m = (d == tm) & ~pinned
+    for j in range(n_tie - 1, -1, -1):  # ties at a threshold: in order, latest first
+        s = ties[np.uintp(j)]
+        d = np.int64(dist[r, np.uintp(s)]) + (off[o, np.uintp(s)] if has_off else 0)
+        tie_h = d == th
+        tie_m = d == tm
         cnt_h += np.int64(tie_h)
         cnt_m += np.int64(tie_m)
-        high = pinned | (d < th) | (tie_h & (cnt_h <= ndh))
-        mid = ~high & ((d < tm) | (tie_m & (cnt_m <= ndm)))
-        if want_tiers:
-            tiers[r, us] = HIGH if high else (MID if mid else LOW)
-        idx[np.uintp(nh)] = s  # appends: high to idx, mid to the front of cand
-        dd[np.uintp(nh)] = raw
-        nh += np.int64(high)
-        cand[np.uintp(nm)] = s
-        nm += np.int64(has_mid & mid)
-        n_mid += np.int64(mid)
+        if tie_h and cnt_h <= ndh:
+            idx[np.uintp(nh)] = s
+            nh += 1
+        elif d < tm or (tie_m and cnt_m <= ndm):
+            mids[np.uintp(n_mid)] = s
+            n_mid += 1
+    nm = n_mid if has_mid else 0
     for i in range(nm):
-        idx[np.uintp(nh + i)] = cand[np.uintp(i)]
-        dd[np.uintp(nh + i)] = dist[r, np.uintp(cand[np.uintp(i)])]
+        idx[np.uintp(nh + i)] = mids[np.uintp(i)]
+    for i in range(nh + nm):  # the raw distances of the attended keys (the mid estimate reads them)
+        dd[np.uintp(i)] = dist[r, np.uintp(idx[np.uintp(i)])]
+    if want_tiers:
+        for i in range(n):
+            s = np.uintp(s0 + i)
+            tiers[r, s] = LOW if vis[m, s] else HIDDEN
+        for i in range(nh):
+            tiers[r, np.uintp(idx[np.uintp(i)])] = HIGH
+        for i in range(n_mid):
+            tiers[r, np.uintp(mids[np.uintp(i)])] = MID
     return nh, nm, n_mid

@@ -123,6 +123,13 @@ def attend_chunk(
     of ``exact - estimate`` over its high keys (the anchor's numerator; 0 without the mid tier)."""
     dim = q.shape[1]
     line = 64 // keys.itemsize
+    args = (idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling)
+    if mid_on:  # the estimates first: their arithmetic hides the fetch of the high keys' K rows
+        for i in range(nh):
+            for j in range(0, dim, line):
+                prefetch_l2(keys, kbase + idx[np.uintp(i)], j)
+        estimates(0, nh, *args, est, vals[:1])
+        estimates(nh, nh + nm, *args, logit, vals)
     for i in range(min(nh, AHEAD)):
         for j in range(0, dim, line):
             prefetch(keys, kbase + idx[i], j)
@@ -140,11 +147,8 @@ def attend_chunk(
         logit[ui] = dot * scaling
     gap = 0.0
     if mid_on:
-        args = (idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling)
-        estimates(0, nh, *args, est, vals[:1])
         for i in range(nh):
             gap += np.float64(logit[i] - est[i])
-        estimates(nh, nh + nm, *args, logit, vals)
     for part, lo, hi in ((0, 0, nh), (1, nh, nh + nm)):
         part_m[part], part_l[part] = softmax_part(
             logit, lo, hi, idx, vals, half, kbase, part_acc[part], probs, row, want_probs

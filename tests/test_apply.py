@@ -156,6 +156,19 @@ def test_short_caches_attend_exactly_below_dense_below(tiny_qwen2):
         DashKVConfig(dense_below=-1)
 
 
+def test_key_codes_are_made_once_the_cache_reaches_dense_below(tiny_qwen2):
+    """Exact attention below ``dense_below`` never codes a key; a prefill that reaches it codes all keys
+    in one batch (the first tiered step then codes only its own new key)."""
+    enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
+    cfg = DashKVConfig(bits=32, dense_layers=(0,), dense_below=50)
+    for length, coded in ((40, 0), (60, 60)):
+        cache = DashKVCache(enc, cfg.dense_layers)
+        with torch.no_grad(), dashkv.enable(tiny_qwen2, enc, cfg):
+            tiny_qwen2(_ids(length, seed=4), past_key_values=cache)
+        assert [layer.coded for layer in cache.layers[1:]] == [coded] * (len(cache.layers) - 1)
+        assert cache.layers[0].encoder is None  # the dense layer keeps no codes
+
+
 def test_encoder_check_is_kept_until_a_weight_changes(tiny_qwen2):
     """``enable`` scans the encoders once; a weight changed in place (its version moves) is scanned again."""
     enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)

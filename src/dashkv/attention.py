@@ -258,14 +258,25 @@ class DashKVRuntime:
             self._masks[key] = held
         return held[1], held[2]
 
+    def _cache_layer(self, layer_idx: int, key: torch.Tensor, coding: bool = False):
+        """The running cache's layer holding ``key`` when it keeps key codes (else None); ``coding``: code
+        its keys now (:meth:`dashkv.cache.DashKVLayer.code_views`)."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or layer_idx >= len(layers):
+            return None
+        layer = layers[layer_idx]
+        if getattr(layer, "keys", None) is not key or getattr(layer, "encoder", None) is None:
+            return None
+        if coding:
+            layer.code_views()
+        return layer
+
     def _codes(self, layer_idx: int, key: torch.Tensor, encoder: LayerHashEncoder):
         """``(codes, norms, coded, cache layer)`` of the layer's keys: the cache's buffers, whose keys from
         ``coded`` on the step codes, or codes made on the fly (no cache; ``coded`` and layer None)."""
-        layers = getattr(self.cache, "layers", None)
-        if layers is not None and layer_idx < len(layers):
-            layer = layers[layer_idx]
-            if getattr(layer, "keys", None) is key and getattr(layer, "encoder", None) is not None:
-                return (*layer.code_views(), layer)
+        layer = self._cache_layer(layer_idx, key)
+        if layer is not None:
+            return (*layer.code_views(), layer)
         if not self._warned:
             logger.warning("no DASH-KV cache for this forward: key codes are computed on the fly (slower)")
             self._warned = True
@@ -302,6 +313,8 @@ class DashKVRuntime:
         # faster of the two) and dense layers without momentum
         if (keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below or (dense_layer and not cfg.momentum):
             self.stats.record_dense(layer_idx)
+            if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
+                self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
         ops = self._backend(query.device)
         visible, always = self._mask(batch, queries, keys, attention_mask, query.device)

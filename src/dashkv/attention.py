@@ -268,7 +268,7 @@ class DashKVRuntime:
         if getattr(layer, "keys", None) is not key or getattr(layer, "encoder", None) is None:
             return None
         if coding:
-            layer.code_views()
+            layer.code_views(pending=0)
         return layer
 
     def _codes(self, layer_idx: int, key: torch.Tensor, encoder: LayerHashEncoder):

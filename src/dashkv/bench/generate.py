@@ -194,7 +194,8 @@ def compare(
     own cache, then the rows decode in turns of ``block`` tokens.
 
     ``warmup_tokens`` > 0: first each row runs once, unrecorded, on that many tokens of the first
-    context (thread pools, allocator, numba kernels loaded).
+    context (thread pools, allocator, numba kernels loaded), DASH-KV rows with tiers at every length
+    so that the tiered kernels are loaded too.
     """
     from transformers import DynamicCache
 
@@ -205,13 +206,15 @@ def compare(
     config = config if config is not None else dashkv.DashKVConfig(bits=encoders.bits)
     budget = Budget(config.high + config.mid, config.sinks, config.window)
     with_snapkv = _kvpress_available()
-    shared = {share: dataclasses.replace(config, share=share) for share in ("head", "group")}
+    shares = ("head", "group")
 
-    def rows(ids: torch.Tensor, tokens: int) -> tuple[dict[str, DecodeRun], dict[str, dict], float]:
+    def rows(ids: torch.Tensor, tokens: int, config=config) -> tuple[dict[str, DecodeRun], dict[str, dict], float]:
         length = ids.shape[1]
         made: dict[str, Row] = {"full": Row(DynamicCache(), nullcontext), "full_inplace": Row(DashKVCache(None), nullcontext)}
         stats: dict[str, object] = {}
-        for share, cfg in shared.items():
+        for share in shares:
+            cfg = dataclasses.replace(config, share=share)
+
             def session(cfg=cfg, name=f"dashkv_{share}"):
                 return _recording(dashkv.enable(model, encoders, cfg), stats, name)
 
@@ -229,7 +232,7 @@ def compare(
         return {name: row.result(length) for name, row in made.items()}, tiers, rss.peak / 2**20
 
     if warmup_tokens > 0 and contexts:
-        rows(contexts[0][:, :warmup_tokens], 2)
+        rows(contexts[0][:, :warmup_tokens], 2, dataclasses.replace(config, dense_below=0))
     cases = []
     for ids in progress(contexts) if progress is not None else contexts:
         runs, tiers, peak = rows(ids, new_tokens)

@@ -26,7 +26,10 @@ Modules, one concept each:
 - :mod:`~dashkv.ops.cpu.views`: torch tensors as the kernels' arrays (key rows, mask rows), checks;
 - :mod:`~dashkv.ops.cpu.scratch`: reusable buffers of the step;
 - :mod:`~dashkv.ops.cpu.plan`: a layer's step prepared once (:func:`plan_layer`);
-- :mod:`~dashkv.ops.cpu.api`: the public functions re-exported here.
+- :mod:`~dashkv.ops.cpu.api`: the per-op functions (the reference's signatures);
+- :mod:`~dashkv.ops.cpu.layer`: the decode step from Python (:func:`layer_step`, :func:`dash_attention`).
+
+The public functions of the last two are re-exported here.
 
 Threads: numba's own pool (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``), independent of
 ``torch.set_num_threads``. With the ``omp`` layer and other busy processes on the same cores, a
@@ -38,16 +41,13 @@ from dashkv.ops.cpu.api import (
     CHUNK,
     assign_tiers,
     code_scan_plan,
-    dash_attention,
-    decode_step,
     hamming_distance,
     kth_smallest,
-    layer_step,
-    plan_layer,
     select_smallest,
     tiered_attention,
 )
 from dashkv.ops.cpu.encode import encode_key, encode_query
+from dashkv.ops.cpu.layer import dash_attention, decode_step, layer_step, plan_layer
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
 
 __all__ = [

@@ -13,28 +13,28 @@ from numba import njit, prange
 
 from dashkv.ops.cpu.attend import attend_chunk
 from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, compress16, mask_row, popcount, task_span
-from dashkv.ops.cpu.select import hamming_row
+from dashkv.ops.cpu.select import hamming_row, take_tie
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
 
 
 @njit(**JIT)
-def _count(bins, loc, nbe):
-    """Histogram of ``bins`` into ``loc[:nbe]``, through 4 interleaved copies (``loc[4 * nbe]``) that
-    break the store-to-load chains of repeated bins."""
+def _count(slot, loc, slots):
+    """Histogram of the slot numbers ``slot`` into ``loc[:slots]``, through 4 interleaved copies
+    (``loc[4 * slots]``) that break the store-to-load chains of repeated slots."""
     loc[:] = 0
-    n = bins.shape[0]
+    n = slot.shape[0]
     n4 = n - n % 4
     for i in range(0, n4, 4):
-        loc[np.uintp(bins[i])] += 1
-        loc[np.uintp(nbe + bins[i + 1])] += 1
-        loc[np.uintp(2 * nbe + bins[i + 2])] += 1
-        loc[np.uintp(3 * nbe + bins[i + 3])] += 1
+        loc[np.uintp(slot[i])] += 1
+        loc[np.uintp(slots + slot[i + 1])] += 1
+        loc[np.uintp(2 * slots + slot[i + 2])] += 1
+        loc[np.uintp(3 * slots + slot[i + 3])] += 1
     for i in range(n4, n):
-        loc[np.uintp(bins[i])] += 1
+        loc[np.uintp(slot[i])] += 1
 
 
 @njit(**PJIT)
-def distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group):
+def distance_kernel(qc, rows, masks, bins, dist, hist, chunk, group):
     """Raw Hamming distances of every query row into ``dist [B*H*T, S]`` (one byte a key where ``64 W <
     255``) and per (row, chunk) histograms of the eligible keys, bins of :func:`thresholds` with ``lo =
     0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory once for the
@@ -46,12 +46,12 @@ def distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group):
     kbatch = kc.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
-    nbe = nb + 4
-    trash = nb + 3
+    slots = bins + 4
+    trash = bins + 3
     for task in prange(nbatch * kheads * nch):
         b, kvh, c, kbase, s0, s1 = task_span(task, nch, kheads, kbatch, seq, chunk, kstride)
-        loc = np.zeros(4 * nbe, np.int32)  # 4 interleaved copies break store-to-load chains
-        bins = np.empty(s1 - s0, np.int32)
+        loc = np.zeros(4 * slots, np.int32)  # 4 interleaved copies break store-to-load chains
+        slot = np.empty(s1 - s0, np.int32)  # each key's histogram slot
         for g in range(1 if group else groups):
             h = kvh * groups + g
             for t in range(tokens):
@@ -63,15 +63,15 @@ def distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group):
                 r, m = np.uintp(row), np.uintp(mr)
                 for i in range(s1 - s0):  # vectorised
                     s = np.uintp(s0 + i)
-                    bins[i] = min(np.int32(dist[r, s]) + 1, nb + 2) if vis[m, s] == 1 else trash
-                _count(bins, loc, nbe)
-                for j in range(nbe):
-                    hist[row, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
+                    slot[i] = min(np.int32(dist[r, s]) + 1, bins + 2) if vis[m, s] == 1 else trash
+                _count(slot, loc, slots)
+                for j in range(slots):
+                    hist[row, c, j] = loc[j] + loc[slots + j] + loc[2 * slots + j] + loc[3 * slots + j]
 
 
 @njit(**PJIT)
 def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, temporal, has_temporal, step_t,
-                     off, lo, nb, raw_hist, hist, chunk):  # fmt: skip
+                     off, lo, bins, raw_hist, hist, chunk):  # fmt: skip
     """Cross-head consensus and momentum discounts (:mod:`dashkv.calibration`) without dense masks.
 
     Votes: per key, the heads whose exact selection of ``k_high`` smallest raw distances (``votes_at``:
@@ -88,7 +88,7 @@ def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, te
     rows, seq = dist.shape
     nbatch = rows // (heads * tokens)
     nch = (seq + chunk - 1) // chunk
-    raw_bins = raw_hist.shape[2]  # raw distances 0..hi in bins 1..hi+1, not eligible in the last
+    raw_slots = raw_hist.shape[2]  # raw distances 0..hi in bins 1..hi+1, not eligible in the last
     enough = min_votes if min_votes > 0 else heads + 1  # consensus off: no key reaches it
     for task in prange(nbatch * tokens * nch):
         c = task % nch
@@ -130,17 +130,17 @@ def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, te
             row = (b * heads + h) * tokens + t
             mr = mask_row(row, vdims)
             r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
-            for j in range(nb + 4):
+            for j in range(bins + 4):
                 hist[row, c, j] = 0
-            for j in range(1, raw_bins - 3):  # raw d in bin 1 + d; unmoved, it lands in bin 1 + d - lo
+            for j in range(1, raw_slots - 3):  # raw d in bin 1 + d; unmoved, it lands in bin 1 + d - lo
                 hist[row, c, j - lo] = raw_hist[row, c, j]
-            hist[row, c, nb + 3] = raw_hist[row, c, raw_bins - 1]
+            hist[row, c, bins + 3] = raw_hist[row, c, raw_slots - 1]
             for i in range(n_moved):
                 s = np.uintp(moved[np.uintp(i)])
                 if vis[m, s] == 1:
                     raw = np.int64(dist[r, s])
                     hist[row, c, raw + 1 - lo] -= 1
-                    hist[row, c, min(max(raw + off[o, s] - lo + 1, 0), nb + 2)] += 1
+                    hist[row, c, min(max(raw + off[o, s] - lo + 1, 0), bins + 2)] += 1
 
 
 @njit(fastmath=FASTMATH, **PJIT)
@@ -277,14 +277,12 @@ def _select_chunk(
     for j in range(n_tie - 1, -1, -1):  # ties at a threshold: in order, latest first
         s = ties[np.uintp(j)]
         d = np.int64(dist[r, np.uintp(s)]) + (off[o, np.uintp(s)] if has_off else 0)
-        tie_h = d == th
-        tie_m = d == tm
-        cnt_h += np.int64(tie_h)
-        cnt_m += np.int64(tie_m)
-        if tie_h and cnt_h <= ndh:
+        cnt_h, high_tie = take_tie(cnt_h, ndh, d == th)
+        cnt_m, mid_tie = take_tie(cnt_m, ndm, d == tm)
+        if high_tie:
             idx[np.uintp(nh)] = s
             nh += 1
-        elif d < tm or (tie_m and cnt_m <= ndm):
+        elif d < tm or mid_tie:
             mids[np.uintp(n_mid)] = s
             n_mid += 1
     nm = n_mid if has_mid else 0

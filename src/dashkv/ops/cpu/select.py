@@ -15,33 +15,43 @@ from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
 
 
 @njit(**JIT)
-def thresholds(hist, kvals, lo, nb):
+def take_tie(count, need, tied):
+    """The tie rule of every selection (the reference's ``select_smallest``): a row walked from its
+    latest key back takes the keys tied at its threshold while it still ``need``s keys. ``count``:
+    ties met so far in this walk (a chunk starts from the ties of the later chunks, see
+    :func:`thresholds`). Returns the new count and whether this key is taken."""
+    count += np.int64(tied)
+    return count, tied and count <= need
+
+
+@njit(**JIT)
+def thresholds(hist, kvals, lo, bins):
     """Per row threshold (``kth_smallest``), ties still needed, and ties in later chunks.
 
-    ``hist[row, chunk]`` bins (``nb = hi - lo + 1``): ``0`` raw ``< lo``; ``1 + j`` raw ``== lo + j``
-    for ``j`` in ``[0, nb]`` (``j = nb``: ``hi + 1``); ``nb + 2`` raw ``> hi + 1``; ``nb + 3`` not
-    eligible. The reference clamps distances into ``[lo, hi]`` for the histogram but compares raw
+    ``hist[row, chunk]`` has ``bins + 4`` slots (``bins = hi - lo + 1``): ``0`` raw ``< lo``; ``1 + j``
+    raw ``== lo + j`` for ``j`` in ``[0, bins]`` (``j = bins``: ``hi + 1``); ``bins + 2`` raw ``> hi +
+    1``; ``bins + 3`` not eligible. The reference clamps distances into ``[lo, hi]`` for the histogram but compares raw
     values when selecting; the extra bins reproduce that exactly for out-of-range distances.
     """
-    rows, nch, nbe = hist.shape
+    rows, nch, slots = hist.shape
     thr = np.empty(rows, np.int64)
     need = np.empty(rows, np.int64)
     tie_base = np.empty((rows, nch), np.int64)
-    tot = np.empty(nbe, np.int64)
+    tot = np.empty(slots, np.int64)
     for r in range(rows):
         tot[:] = 0
         for c in range(nch):
-            for j in range(nbe):
+            for j in range(slots):
                 tot[j] += hist[r, c, j]
         k = kvals[r]
         cum = 0
         cnt = 0
-        for j in range(nb):  # the reference's clamped histogram and its cumsum
+        for j in range(bins):  # the reference's clamped histogram and its cumsum
             cj = tot[j + 1]
             if j == 0:
                 cj += tot[0]
-            if j == nb - 1:
-                cj += tot[nb + 1] + tot[nb + 2]
+            if j == bins - 1:
+                cj += tot[bins + 1] + tot[bins + 2]
             cum += cj
             if cum < k:
                 cnt += 1
@@ -110,27 +120,33 @@ def hamming_kernel(qc, kc, kheads, kstride, out, chunk):
     return out
 
 
+@njit(**JIT)
+def row_chunk(task, nch, seq, chunk, vdims):
+    """``(row, chunk, mask row, s0, s1)`` of task number ``task`` of the per-op kernels below, whose
+    tasks are (distance row, chunk) pairs, chunk fastest."""
+    r = task // nch
+    c = task % nch
+    s0 = c * chunk
+    return r, c, mask_row(r, vdims), s0, min(seq, s0 + chunk)
+
+
 @njit(**PJIT)
-def hist_kernel(dist, vis, vdims, lo, nb, chunk):
-    """Per (row, chunk) histogram of the distances of eligible keys (``vis == 1``); bin layout: see
+def hist_kernel(dist, vis, vdims, lo, bins, chunk):
+    """Per (row, chunk) histogram of the distances of eligible keys (``vis == 1``); slot layout: see
     :func:`thresholds`."""
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
-    nbe = nb + 4
-    trash = nb + 3
-    hist = np.zeros((rows, nch, nbe), np.int64)
+    slots = bins + 4
+    trash = bins + 3
+    hist = np.zeros((rows, nch, slots), np.int64)
     for task in prange(rows * nch):
-        r = task // nch
-        c = task % nch
-        vr = mask_row(r, vdims)
-        s0 = c * chunk
-        s1 = min(seq, s0 + chunk)
-        loc = np.zeros(4 * nbe, np.int64)  # 4 interleaved copies break store-to-load chains
+        r, c, vr, s0, s1 = row_chunk(task, nch, seq, chunk, vdims)
+        loc = np.zeros(4 * slots, np.int64)  # 4 interleaved copies break store-to-load chains
         for s in range(s0, s1):
-            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), nb + 2) if vis[vr, s] == 1 else trash
-            loc[(s & 3) * nbe + j] += 1
-        for j in range(nbe):
-            hist[r, c, j] = loc[j] + loc[nbe + j] + loc[2 * nbe + j] + loc[3 * nbe + j]
+            j = min(max(np.int64(dist[r, s]) - lo + 1, 0), bins + 2) if vis[vr, s] == 1 else trash
+            loc[(s & 3) * slots + j] += 1
+        for j in range(slots):
+            hist[r, c, j] = loc[j] + loc[slots + j] + loc[2 * slots + j] + loc[3 * slots + j]
     return hist
 
 
@@ -140,22 +156,15 @@ def select_kernel(dist, vis, vdims, thr, need, tie_base, out, chunk):
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
     for task in prange(rows * nch):
-        r = task // nch
-        c = task % nch
-        vr = mask_row(r, vdims)
-        s0 = c * chunk
-        s1 = min(seq, s0 + chunk)
+        r, c, vr, s0, s1 = row_chunk(task, nch, seq, chunk, vdims)
         t = thr[r]
         nd = need[r]
         cnt = tie_base[r, c]
         for s in range(s1 - 1, s0 - 1, -1):
             d = np.int64(dist[r, s])
             elig = vis[vr, s] == 1
-            sel = elig & (d < t)
-            if elig and d == t:  # ties: in order, latest first
-                cnt += 1
-                sel = cnt <= nd
-            out[r, s] = sel
+            cnt, tie = take_tie(cnt, nd, elig and d == t)
+            out[r, s] = (elig and d < t) or tie
     return out
 
 
@@ -165,11 +174,7 @@ def tiers_kernel(dist, vis, vdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chun
     rows, seq = dist.shape
     nch = (seq + chunk - 1) // chunk
     for task in prange(rows * nch):
-        r = task // nch
-        c = task % nch
-        vr = mask_row(r, vdims)
-        s0 = c * chunk
-        s1 = min(seq, s0 + chunk)
+        r, c, vr, s0, s1 = row_chunk(task, nch, seq, chunk, vdims)
         th = th_h[r]
         tm = th_m[r]
         ndh = nd_h[r]
@@ -183,18 +188,8 @@ def tiers_kernel(dist, vis, vdims, th_h, nd_h, tb_h, th_m, nd_m, tb_m, out, chun
             tier = HIGH if d < th else (MID if d < tm else LOW)
             tier = tier if k == 1 else (HIGH if k == 2 else HIDDEN)
             if k == 1 and (d == th or d == tm):
-                tier = LOW
-                if d < tm:
-                    tier = MID
-                elif d == tm:
-                    cnt_m += 1
-                    if cnt_m <= ndm:
-                        tier = MID
-                if d < th:
-                    tier = HIGH
-                elif d == th:
-                    cnt_h += 1
-                    if cnt_h <= ndh:
-                        tier = HIGH
+                cnt_m, mid_tie = take_tie(cnt_m, ndm, d == tm)
+                cnt_h, high_tie = take_tie(cnt_h, ndh, d == th)
+                tier = HIGH if d < th or high_tie else (MID if d < tm or mid_tie else LOW)
             out[r, s] = tier
     return out

@@ -97,12 +97,12 @@ class Partials(NamedTuple):
 @njit(**JIT)
 def budget_rows(hist, fraction):
     """``budget_counts(eligible keys, fraction)`` of every histogram row (the reference's float64 rule)."""
-    rows, nch, nbe = hist.shape
+    rows, nch, slots = hist.shape
     out = np.empty(rows, np.int64)
     for r in range(rows):
         n = 0
         for c in range(nch):
-            for j in range(nbe - 1):  # the last bin holds the keys that are not eligible
+            for j in range(slots - 1):  # the last slot holds the keys that are not eligible
                 n += hist[r, c, j]
         k = np.ceil(np.float64(n) * fraction - 1e-9)
         out[r] = min(np.int64(k if k > 0.0 else 0.0), n)
@@ -223,7 +223,7 @@ def weights_kernel(parts, factor, chunk, probs):
 @njit(**PJIT)
 def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget, calib, mid, prior, scaling,
                 keep_probs, want_tiers_out, dist, off, out, chunk):  # fmt: skip
-    """The decode step from the queries on (:func:`dashkv.ops.cpu.api.dash_attention`).
+    """The decode step from the queries on (:func:`dashkv.ops.cpu.layer.dash_attention`).
 
     ``q [B*H*T, D]`` float32 queries of ``shape = (B, H, T)``; ``qc_given [B, H, T, W]`` their hash
     codes, unless ``encoder.on`` (then the step encodes them); ``rows``, ``masks``: the keys and the
@@ -255,9 +255,10 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
     hi = calib.top * scale
     srows = nbatch * sel_heads * tokens
     nch = (seq + chunk - 1) // chunk
-    nb = hi + 1  # raw distances 0..hi
-    hist = np.empty((srows, nch, nb + 4), np.int32)
-    distance_kernel(qc, rows, masks, nb, dist, hist, chunk, group)
+    raw_bins = hi + 1  # raw distances 0..hi
+    hist = np.empty((srows, nch, raw_bins + 4), np.int32)
+    distance_kernel(qc, rows, masks, raw_bins, dist, hist, chunk, group)
+    bins = raw_bins
     if budget.fractions:  # as DashKVConfig.high / .mid: k_mid = k(high + mid) - k(high)
         kh = budget_rows(hist, budget.high)
         km = budget_rows(hist, budget.high + budget.mid) - kh
@@ -272,16 +273,16 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
     calibrated = votes_on or time_on
     lo = ((calib.spatial_step if votes_on else 0) + (calib.temporal_step if time_on else 0)) * scale
     if calibrated:
-        votes_at = thresholds(hist, kh, 0, nb)
-        nb = hi - lo + 1
+        votes_at = thresholds(hist, kh, 0, raw_bins)
+        bins = hi - lo + 1  # calibrated distances lo..hi
         raw_hist = hist
-        hist = np.empty((srows, nch, nb + 4), np.int32)
+        hist = np.empty((srows, nch, bins + 4), np.int32)
         calibrate_kernel(
             dist, masks, sel_heads, tokens, votes_at, calib.min_votes if votes_on else 0,
-            calib.spatial_step * scale, temporal, time_on, calib.temporal_step * scale, off, lo, nb, raw_hist, hist,
+            calib.spatial_step * scale, temporal, time_on, calib.temporal_step * scale, off, lo, bins, raw_hist, hist,
             chunk,
         )  # fmt: skip
-    tiers_at = thresholds(hist, kh, lo, nb) + thresholds(hist, kh + km, lo, nb)
+    tiers_at = thresholds(hist, kh, lo, bins) + thresholds(hist, kh + km, lo, bins)
     if mid.on and mid.query_norm.shape[0] != nrows:
         qnorm, qdc = query_mid_inputs(q, heads, tokens, kheads, mid.center)
         mid = MidTier(mid.on, mid.center, qnorm, qdc, mid.temperature, mid.bias, mid.tables, mid.phi_sum, mid.cosines,

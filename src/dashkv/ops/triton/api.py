@@ -1,6 +1,6 @@
 """Public functions of the Triton backend: the signatures of :mod:`dashkv.ops.reference`, on CUDA tensors.
 
-Signature twins of the reference and of :mod:`dashkv.ops.cpu.api` (the ``Backend`` contract of
+Signature twins of the reference and of :mod:`dashkv.ops.cpu.api` / :mod:`~dashkv.ops.cpu.layer` (the ``Backend`` contract of
 :mod:`dashkv.ops.dispatch`): their docstrings and argument checks repeat on purpose."""
 
 from __future__ import annotations

@@ -44,6 +44,33 @@ def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
     assert "SnapKV" in table and "2 CPU-bound competitor processes" in table
 
 
+def test_contexts_above_single_shot_share_one_chunked_prefill(monkeypatch):
+    """Above SINGLE_SHOT every row copies one exact chunked prefill (sliding layers as transformers keeps
+    them): full attention on either cache decodes what it decodes after single-shot prefills and DASH-KV
+    rows hold every key coded. No SnapKV row on a model with sliding layers."""
+    from tiny_gemma import tiny_gemma3
+
+    from dashkv.cache import DashKVLayer
+
+    model = tiny_gemma3()
+    encoders = HashEncoders.random(model, bits=64, seed=0)
+    context = [torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(1))]
+    config = DashKVConfig(bits=64, dense_below=0)
+    single = generate.compare(model, encoders, context, new_tokens=5, warmup_tokens=0, config=config)[0]["runs"]
+    monkeypatch.setattr(generate, "SINGLE_SHOT", 64)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 32)
+    coded = []
+    monkeypatch.setattr(DashKVLayer, "code_views", lambda self, pending=64, f=DashKVLayer.code_views:
+                        coded.append((self.length, pending)) or f(self, pending))  # fmt: skip
+    shared = generate.compare(model, encoders, context, new_tokens=5, warmup_tokens=0, config=config)[0]["runs"]
+    assert "snapkv" not in single and "snapkv" not in shared
+    for name in ("full", "full_inplace"):
+        assert shared[name]["tokens"] == single["full"]["tokens"], name
+    for name in ("dashkv_head", "dashkv_group"):
+        assert shared[name]["kept_tokens"] == 120 and shared[name]["prefill_s"] > 0
+    assert coded[:4] == [(120, 0)] * 4  # two DASH-KV rows x two full layers, coded whole after the copy
+
+
 def test_timed_attention_times_the_attention_calls_and_restores(tiny_qwen2):
     timer = harness.AttentionTimer()
     with harness.timed_attention(tiny_qwen2, timer):

@@ -2,8 +2,9 @@
 kvpress eviction baseline, in the same run.
 
 For each context length (real prose from :mod:`dashkv.corpus`) every row prefills the context into
-its own cache, then the rows decode ``new_tokens`` tokens greedily, one forward a token, taking turns
-in blocks of :data:`BLOCK` tokens, and each decode step is timed. Interleaved, the rows see the same
+its own cache (above :data:`SINGLE_SHOT` tokens: each copies one shared chunked prefill), then the
+rows decode ``new_tokens`` tokens greedily, one forward a token, taking turns in blocks of
+:data:`BLOCK` tokens, and each decode step is timed. Interleaved, the rows see the same
 machine load: on a shared machine the speed of a whole run drifts by tens of percent within minutes,
 more than the differences measured. The rows:
 
@@ -18,7 +19,10 @@ more than the differences measured. The rows:
   per KV head as DASH-KV attends to in its high and mid tiers together: ``Budget(high + mid, sinks,
   window).kept(L)`` -- sinks, window and ``ceil((high + mid) * eligible)`` keys, the budget
   definition every method shares (:mod:`dashkv.baselines.budget`). The mid tier reads V rows like
-  the high tier, so high + mid, not high alone, is the share of the cache a decode step uses.
+  the high tier, so high + mid, not high alone, is the share of the cache a decode step uses. Not
+  run above :data:`SINGLE_SHOT` tokens (kvpress compresses inside a single-shot prefill), nor on
+  models with sliding-window layers (kvpress presses every layer alike; Gemma-3 is not among its
+  tested models).
 
 Reported per row: decode ms per token (median; min-max), tokens/s, speed against ``full``
 (``vs_full``, > 1 is faster), the share of decode time spent inside the attention function, prefill
@@ -36,6 +40,7 @@ few attribute reads a call); it happens before any row runs, so every row pays i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -60,6 +65,12 @@ ROWS = {
     "snapkv": "SnapKV (kvpress)",
 }
 BLOCK = 4  # tokens a row decodes before the next row's turn
+SINGLE_SHOT = 8192
+"""Contexts up to this many tokens: every row prefills its own cache in one forward. Longer ones: one
+exact chunked prefill (:func:`dashkv.prefill.chunked_prefill`, :data:`PREFILL_CHUNK` tokens a chunk)
+whose cache every row copies; a single-shot prefill of a 32K context on Gemma-3-270M holds
+``[heads, T, T]`` float attention weights in its sliding layers (16 GB)."""
+PREFILL_CHUNK = 2048
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -142,6 +153,37 @@ def prefill(model, ids: torch.Tensor, row: Row, press: AbstractContextManager | 
 
 
 @torch.no_grad()
+def shared_prefill(model, ids: torch.Tensor, rows: dict[str, Row]) -> None:
+    """One exact chunked prefill of ``ids`` [1, L]; each row's cache gets a copy of its keys and values
+    (a DASH-KV row codes them). A row's ``prefill_s`` is the shared prefill plus its own copy."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from dashkv.cache import DashKVLayer
+    from dashkv.prefill import chunked_prefill
+
+    start = time.perf_counter()
+    cache, logits = chunked_prefill(model, ids, PREFILL_CHUNK, DynamicCache(config=model.config))
+    shared = time.perf_counter() - start
+    for row in rows.values():
+        start = time.perf_counter()
+        if type(row.cache) is DynamicCache:  # stock: the prefill's own kind of cache
+            row.cache = copy.deepcopy(cache)
+        else:
+            for i, layer in enumerate(cache.layers):
+                if isinstance(layer, DynamicSlidingWindowLayer):  # as transformers keeps them
+                    row.cache.layers[i] = copy.deepcopy(layer)
+                else:
+                    row.cache.update(layer.keys, layer.values, i)
+            for layer in row.cache.layers:
+                if isinstance(layer, DashKVLayer) and layer.encoder is not None:
+                    layer.code_views(pending=0)
+        row.prefill_s = shared + time.perf_counter() - start
+        row.kept = row.cache.get_seq_length()
+        row.tokens.append(int(logits.argmax(-1)))
+
+
+@torch.no_grad()
 def decode(model, row: Row, length: int, count: int) -> None:
     """Decode ``count`` more tokens greedily in the row's session, timing each step and the attention
     calls in it. Steps pass their true positions (``L``, ``L + 1``, ...): a compressed cache holds fewer
@@ -202,15 +244,18 @@ def compare(
     import dashkv
     from dashkv.baselines.budget import Budget
     from dashkv.cache import DashKVCache
+    from dashkv.models import sliding_windows
 
     config = config if config is not None else dashkv.DashKVConfig(bits=encoders.bits)
     budget = Budget(config.high + config.mid, config.sinks, config.window)
-    with_snapkv = _kvpress_available()
+    # kvpress presses every layer alike: not models with sliding-window layers (their caches keep a window)
+    with_snapkv = _kvpress_available() and not sliding_windows(model.config)
     shares = ("head", "group")
 
     def rows(ids: torch.Tensor, tokens: int, config=config) -> tuple[dict[str, DecodeRun], dict[str, dict], float]:
         length = ids.shape[1]
-        made: dict[str, Row] = {"full": Row(DynamicCache(), nullcontext), "full_inplace": Row(DashKVCache(None), nullcontext)}
+        made: dict[str, Row] = {"full": Row(DynamicCache(config=model.config), nullcontext),
+                                "full_inplace": Row(DashKVCache(None, config=model.config), nullcontext)}
         stats: dict[str, object] = {}
         for share in shares:
             cfg = dataclasses.replace(config, share=share)
@@ -218,11 +263,13 @@ def compare(
             def session(cfg=cfg, name=f"dashkv_{share}"):
                 return _recording(dashkv.enable(model, encoders, cfg), stats, name)
 
-            made[f"dashkv_{share}"] = Row(DashKVCache(encoders, cfg.dense_layers), session)
-        if with_snapkv:
-            made["snapkv"] = Row(DynamicCache(), nullcontext)
+            made[f"dashkv_{share}"] = Row(DashKVCache(encoders, cfg.dense_layers, config=model.config), session)
+        if with_snapkv and length <= SINGLE_SHOT:  # kvpress compresses inside a single-shot prefill
+            made["snapkv"] = Row(DynamicCache(config=model.config), nullcontext)
         with PeakRss() as rss:
-            for name, row in made.items():
+            if length > SINGLE_SHOT:
+                shared_prefill(model, ids, made)
+            for name, row in made.items() if length <= SINGLE_SHOT else ():
                 press = snapkv_press(model, length, budget.kept(length), config.window) if name == "snapkv" else None
                 prefill(model, ids, row, press)
             for done in range(1, tokens, block):  # the rows take turns: the same machine load for all
@@ -354,7 +401,9 @@ def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, pro
         "encoders": source,
         "config": config.to_dict(),
         "snapkv_keeps": "Budget(high + mid, sinks, window).kept(L) keys per KV head (DASH-KV's high + mid)",
-        "rows": {name: label for name, label in ROWS.items() if name != "snapkv" or _kvpress_available()},
+        "prefill": f"each row its own, single-shot, up to {SINGLE_SHOT} tokens; above, one chunked prefill "
+                   f"({PREFILL_CHUNK}-token chunks) copied by every row (no SnapKV row there)",
+        "rows": {name: ROWS[name] for name in dict.fromkeys(name for case in cases for name in case["runs"])},
         "new_tokens": new_tokens,
         "block": BLOCK,
         "busy": competitors.record(),

@@ -16,7 +16,7 @@ from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.attend import attn_tiers_kernel, merge_kernel, scale_probs
 from dashkv.ops.cpu.plan import NO_MID
 from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
-from dashkv.ops.cpu.step import MidTier
+from dashkv.ops.cpu.step import MidTier, Partials
 from dashkv.ops.cpu.tables import cos_table, residual_tables
 from dashkv.ops.reference import MidTierInputs
 
@@ -141,13 +141,13 @@ def given_mid_tier(mid: MidTierInputs, query_shape: tuple[int, int, int], words:
     )  # fmt: skip
 
 
-def _merge(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, shape, dtype):
+def _merge(parts: Partials, mid_on: bool, shape: tuple[int, int, int, int], dtype):
     """Merge the partials into ``[B, H, T, D]`` in ``dtype``; also returns each partial's normalised
     weight ``factor [rows, chunks, 2]`` (the scale of the chunk's unnormalised high / mid weights)."""
     nbatch, heads, tokens, dim = shape
     out = np.empty((nbatch * heads * tokens, dim), np.float32)
-    factor = np.empty(m_part.shape, np.float64)
-    merge_kernel(m_part, l_part, acc_part, gap_part, nhigh_part, mid_on, out, factor)
+    factor = np.empty(parts.m.shape, np.float64)
+    merge_kernel(parts.m, parts.l, parts.acc, parts.gap, parts.nhigh, mid_on, out, factor)
     output = torch.from_numpy(out).view(nbatch, heads, tokens, dim)
     return (output if dtype == torch.float32 else output.to(dtype)), factor
 
@@ -170,7 +170,6 @@ def tiered_attention(
     vw.check_cpu(query, key, value, tiers)
     nbatch, heads, tokens, dim = query.shape
     seq = key.shape[2]
-    kheads = key.shape[1]
     if seq == 0:  # the reference's softmax over no keys: empty weights, zero output
         return torch.zeros_like(query), torch.zeros(nbatch, heads, tokens, 0)
     q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
@@ -192,18 +191,13 @@ def tiered_attention(
         qcodes = np.zeros((nbatch, heads, tokens, 1), np.int64)
         tier = NO_MID
     nch = max(1, -(-seq // CHUNK))
-    m_part, l_part = np.empty((rows, nch, 2), np.float32), np.empty((rows, nch, 2), np.float64)
-    acc_part, gap_part = np.empty((rows, nch, 2, dim), np.float32), np.empty((rows, nch), np.float64)
-    nhigh_part = np.empty((rows, nch), np.int64)
+    unused = np.zeros((1, 1), np.int64)  # partials only the fused step reads
+    parts = Partials(np.empty((rows, nch, 2), np.float32), np.empty((rows, nch, 2), np.float64),
+                     np.empty((rows, nch, 2, dim), np.float32), np.empty((rows, nch), np.float64),
+                     np.empty((rows, nch), np.int64), unused, unused, unused, np.zeros((1, 1), np.float32))  # fmt: skip
     probs = np.empty((rows, seq), np.float32)
-    attn_tiers_kernel(
-        q, kv.keys, kv.values, kv.half, kheads, seq, kv.stride, tiers_np, np.float32(scaling), tier.on, mdist,
-        qcodes, kv.codes, tier.query_norm, kv.norms, tier.query_dot_center, tier.temperature, tier.bias,
-        tier.tables, tier.phi_sum, tier.cosines, tier.bits, m_part, l_part, acc_part, gap_part, nhigh_part, probs,
-        True, CHUNK,
-    )  # fmt: skip
-    output, factor = _merge(m_part, l_part, acc_part, gap_part, nhigh_part, tier.on, (nbatch, heads, tokens, dim),
-                            query.dtype)  # fmt: skip
+    attn_tiers_kernel(q, kv, tiers_np, np.float32(scaling), tier, mdist, qcodes, parts, probs, True, CHUNK)
+    output, factor = _merge(parts, tier.on, (nbatch, heads, tokens, dim), query.dtype)
     scale_probs(probs, tiers_np, factor, CHUNK)
     return output, torch.from_numpy(probs).view(nbatch, heads, tokens, seq)
 

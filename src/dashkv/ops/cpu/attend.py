@@ -112,19 +112,23 @@ def softmax_part(logit, lo, hi, idx, vals, half, kbase, acc, probs, row, want_pr
 
 @njit(fastmath=FASTMATH, **JIT)
 def attend_chunk(
-    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
-    mid_on, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+    q, row, rows, mid, kbase, scaling, idx, nh, nm, dd, logit, est, h, q0, q1, a_row, qdc_row,
     part_m, part_l, part_acc, probs, want_probs,
 ):  # fmt: skip
     """Split softmax of one (row, chunk): ``idx[:nh]`` high keys, ``idx[nh:nh + nm]`` mid keys, ``dd``
-    their raw distances. High logits read K rows of high keys only; the weighted sums read V rows of
-    selected keys only. High and mid keep separate partials (``part_*[0]`` and ``[1]``) because the
-    anchor offset of the mid logits is known only once all chunks are done. Returns the chunk's sum
-    of ``exact - estimate`` over its high keys (the anchor's numerator; 0 without the mid tier)."""
+    their raw distances, ``rows`` the layer's :class:`~dashkv.ops.cpu.views.KeyRows` (head of this
+    chunk from ``kbase``), ``mid`` the :class:`~dashkv.ops.cpu.step.MidTier`; query head ``h``, its
+    code words ``q0, q1`` and its mid-tier scalars ``a_row = temperature |q|``, ``qdc_row = q . mu``.
+    High logits read K rows of high keys only; the weighted sums read V rows of selected keys only.
+    High and mid keep separate partials (``part_*[0]`` and ``[1]``) because the anchor offset of the
+    mid logits is known only once all chunks are done. Returns the chunk's sum of ``exact -
+    estimate`` over its high keys (the anchor's numerator; 0 without the mid tier)."""
+    keys, vals, half = rows.keys, rows.values, rows.half
     dim = q.shape[1]
     line = 64 // keys.itemsize
-    args = (idx, dd, kbase, h, q0, q1, kc, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits, scaling)
-    if mid_on:  # the estimates first: their arithmetic hides the fetch of the high keys' K rows
+    args = (idx, dd, kbase, h, q0, q1, rows.codes, a_row, qdc_row, rows.norms, mid.bias, mid.tables, mid.phi_sum,
+            mid.cosines, mid.bits, scaling)  # fmt: skip
+    if mid.on:  # the estimates first: their arithmetic hides the fetch of the high keys' K rows
         for i in range(nh):
             for j in range(0, dim, line):
                 prefetch_l2(keys, kbase + idx[np.uintp(i)], j)
@@ -146,7 +150,7 @@ def attend_chunk(
             dot += q[row, j] * load_f32(keys[krow, j], half)
         logit[ui] = dot * scaling
     gap = 0.0
-    if mid_on:
+    if mid.on:
         for i in range(nh):
             gap += np.float64(logit[i] - est[i])
     for part, lo, hi in ((0, 0, nh), (1, nh, nh + nm)):
@@ -220,14 +224,17 @@ def scale_probs(probs, tiers, factor, chunk):
 
 
 @njit(fastmath=FASTMATH, **PJIT)
-def attn_tiers_kernel(
-    q, keys, vals, half, kheads, seq, kstride, tiers, scaling,
-    has_mid, mdist, qcodes, kcodes, qnorm, knorm, qdc, temp, bias, tab, sumphi, costab, bits,
-    m_part, l_part, acc_part, gap_part, nhigh_part, probs, want_probs, chunk,
-):  # fmt: skip
-    """Split-softmax attention over given tiers. ``q [B*H*T, D]`` fp32, ``keys/vals [Bk*Hkv*S, D]``."""
+def attn_tiers_kernel(q, rows, tiers, scaling, mid, mdist, qcodes, parts, probs, want_probs, chunk):
+    """Split-softmax attention over given tiers ``[B*H*T, S]``: ``q [B*H*T, D]`` fp32, ``rows`` the
+    layer's :class:`~dashkv.ops.cpu.views.KeyRows`, ``mid`` the :class:`~dashkv.ops.cpu.step.MidTier`
+    with ``|q|`` and ``q . mu`` per row given, ``mdist [B*H*T, S]`` and ``qcodes [B, H, T, W]`` for its
+    estimates. Writes ``parts.m / l / acc / gap / nhigh`` (:class:`~dashkv.ops.cpu.step.Partials`) and,
+    where ``want_probs``, each selected key's unnormalised weight into ``probs``."""
     nbatch, heads, tokens = qcodes.shape[0], qcodes.shape[1], qcodes.shape[2]
-    kbatch = keys.shape[0] // (kheads * kstride)
+    kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
+    # written arrays as locals: numba loses a prange body's writes through a tuple's attribute
+    m_part, l_part, acc_part, gap_part, nhigh_part = parts.m, parts.l, parts.acc, parts.gap, parts.nhigh
+    kbatch = rows.keys.shape[0] // (kheads * kstride)
     groups = heads // kheads
     nch = (seq + chunk - 1) // chunk
     for task in prange(nbatch * kheads * nch):
@@ -248,24 +255,23 @@ def attn_tiers_kernel(
                     idx[nh] = s
                     nh += np.int64(tier == HIGH)
                     idm[nm] = s
-                    nm += np.int64(has_mid & (tier == MID))
+                    nm += np.int64(mid.on & (tier == MID))
                 for i in range(nm):
                     idx[nh + i] = idm[i]
                 a_row = qdc_row = np.float32(0.0)
                 q0 = q1 = np.int64(0)
-                if has_mid:
+                if mid.on:
                     for i in range(nh + nm):
                         dd[i] = mdist[row, idx[i]]
-                    a_row = temp[h] * qnorm[row]
-                    qdc_row = qdc[row]
+                    a_row = mid.temperature[h] * mid.query_norm[row]
+                    qdc_row = mid.query_dot_center[row]
                     q0 = qcodes[b, h, t, 0]
                     q1 = qcodes[b, h, t, 1] if qcodes.shape[3] > 1 else np.int64(0)
                 if want_probs:
                     for s in range(s0, s1):
                         probs[row, s] = 0.0
                 gap_part[row, c] = attend_chunk(
-                    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
-                    has_mid, h, q0, q1, kcodes, a_row, qdc_row, knorm, bias, tab, sumphi, costab, bits,
+                    q, row, rows, mid, kbase, scaling, idx, nh, nm, dd, logit, est, h, q0, q1, a_row, qdc_row,
                     m_part[row, c], l_part[row, c], acc_part[row, c], probs, want_probs,
                 )  # fmt: skip
                 nhigh_part[row, c] = nh

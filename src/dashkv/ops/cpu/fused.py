@@ -159,7 +159,7 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
     high and mid counts, and its selected keys (high first) with their unnormalised weights, read
     back by the merge, the prior and the dense weights."""
     nbatch, heads, tokens, words = qc.shape
-    keys, vals, kc, knorm, half = rows.keys, rows.values, rows.codes, rows.norms, rows.half
+    keys, kc = rows.keys, rows.codes
     kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
     th_h, nd_h, tb_h, th_m, nd_m, tb_m = tiers_at
     # written arrays as locals: numba loses a prange body's writes through a tuple's attribute
@@ -205,9 +205,8 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
                     a_row = mid.temperature[h] * mid.query_norm[row]
                     qdc_row = mid.query_dot_center[row]
                 gap_part[row, c] = attend_chunk(
-                    q, row, keys, vals, half, kbase, scaling, idx, nh, nm, dd, logit, est,
-                    mid.on, h, q0, q1, kc, a_row, qdc_row, knorm, mid.bias, mid.tables, mid.phi_sum,
-                    mid.cosines, mid.bits, m_part[row, c], l_part[row, c], acc_part[row, c], kept_weights, False,
+                    q, row, rows, mid, kbase, scaling, idx, nh, nm, dd, logit, est, h, q0, q1, a_row, qdc_row,
+                    m_part[row, c], l_part[row, c], acc_part[row, c], kept_weights, False,
                 )  # fmt: skip
                 nhigh_part[row, c] = nh
                 nmid_part[row, c] = n_mid

@@ -269,9 +269,10 @@ def compare(
         with PeakRss() as rss:
             if length > SINGLE_SHOT:
                 shared_prefill(model, ids, made)
-            for name, row in made.items() if length <= SINGLE_SHOT else ():
-                press = snapkv_press(model, length, budget.kept(length), config.window) if name == "snapkv" else None
-                prefill(model, ids, row, press)
+            else:
+                for name, row in made.items():
+                    press = snapkv_press(model, length, budget.kept(length), config.window) if name == "snapkv" else None
+                    prefill(model, ids, row, press)
             for done in range(1, tokens, block):  # the rows take turns: the same machine load for all
                 for row in made.values():
                     decode(model, row, length, min(block, tokens - done))

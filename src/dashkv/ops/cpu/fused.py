@@ -88,7 +88,7 @@ def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, te
     rows, seq = dist.shape
     nbatch = rows // (heads * tokens)
     nch = (seq + chunk - 1) // chunk
-    raw_slots = raw_hist.shape[2]  # raw distances 0..hi in bins 1..hi+1, not eligible in the last
+    raw_slots = raw_hist.shape[2]  # raw distances 0..hi in slots 1..hi+1, not eligible in the last
     enough = min_votes if min_votes > 0 else heads + 1  # consensus off: no key reaches it
     for task in prange(nbatch * tokens * nch):
         c = task % nch
@@ -132,7 +132,7 @@ def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, te
             r, m, o = np.uintp(row), np.uintp(mr), np.uintp(orow)
             for j in range(bins + 4):
                 hist[row, c, j] = 0
-            for j in range(1, raw_slots - 3):  # raw d in bin 1 + d; unmoved, it lands in bin 1 + d - lo
+            for j in range(1, raw_slots - 3):  # raw d in slot 1 + d; unmoved, it lands in slot 1 + d - lo
                 hist[row, c, j - lo] = raw_hist[row, c, j]
             hist[row, c, bins + 3] = raw_hist[row, c, raw_slots - 1]
             for i in range(n_moved):

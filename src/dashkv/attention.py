@@ -212,8 +212,7 @@ class DashKVRuntime:
     _masks: dict = field(default_factory=dict)
     # the model's sliding-window layers: transformers' SDPA runs them, untouched (DASH-KV keeps every key)
     sliding: frozenset[int] = frozenset()
-    _plans: dict = field(default_factory=dict)  # layer -> its LayerPlan
-    _planned: set = field(default_factory=set)  # layers whose plan this forward has checked
+    _plans: dict = field(default_factory=dict)  # layer -> its LayerPlan, checked in this forward
     _ops: tuple | None = None  # (device, backend) of the last call
 
     def __post_init__(self) -> None:
@@ -222,15 +221,16 @@ class DashKVRuntime:
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
         self._masks.clear()
-        self._planned.clear()
+        self._plans.clear()
 
     def _plan(self, layer_idx: int, encoder: LayerHashEncoder, ops: ModuleType, heads: int, kv_heads: int,
               scaling: float) -> LayerPlan:  # fmt: skip
         """The layer's plan, kept on its encoder for this backend, config and scaling (later ``enable``
         blocks reuse it) and remade when the encoder's tensors changed: checked once per forward, so
         encoders trained between two forwards are never served stale."""
-        if layer_idx in self._planned:
-            return self._plans[layer_idx]
+        plan = self._plans.get(layer_idx)
+        if plan is not None:
+            return plan
         stamp = encoder.state_stamp()
         kept = encoder.__dict__.setdefault("_dashkv_plans", {})
         key = (ops.__name__, self.config, scaling)
@@ -244,7 +244,6 @@ class DashKVRuntime:
                 kept.pop(next(iter(kept)))
             held = kept[key] = (stamp, plan)
         self._plans[layer_idx] = held[1]
-        self._planned.add(layer_idx)
         return held[1]
 
     def _mask(self, batch: int, queries: int, keys: int, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:

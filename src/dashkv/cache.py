@@ -65,18 +65,19 @@ class DashKVLayer(DynamicLayer):
     @property
     def codes(self) -> torch.Tensor | None:
         """``[B, Hkv, S, W]`` int64 packed key codes (None without an encoder)."""
-        if self.encoder is None or not self.length:
-            return None
-        self._encode_pending()
-        return self._buffers["codes"][:, :, : self.length]
+        return self._coded("codes")
 
     @property
     def key_norms(self) -> torch.Tensor | None:
         """``[B, Hkv, S]`` float32 centred key norms ``|k - mu|`` (None without an encoder)."""
+        return self._coded("key_norms")
+
+    def _coded(self, name: str) -> torch.Tensor | None:
+        """The view of buffer ``name`` over every key, once the keys added since the last read are coded."""
         if self.encoder is None or not self.length:
             return None
         self._encode_pending()
-        return self._buffers["key_norms"][:, :, : self.length]
+        return self._buffers[name][:, :, : self.length]
 
     def code_views(self, pending: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Views of the codes and norms buffers ``[B, Hkv, S, ...]`` and the first key without its code:

@@ -68,17 +68,23 @@ def _dense(x, weight, bias, out, gelu):
 
 
 @njit(**JIT)
+def _pack_row(proj, out, n):
+    """Sign bits (``>= 0``) of ``proj [R]`` packed least significant bit first into ``out[n, :W]``."""
+    bits = proj.shape[0]
+    for w in range(out.shape[1]):
+        word = np.uint64(0)
+        for b in range(64):
+            r = 64 * w + b
+            if r < bits and proj[r] >= 0:
+                word |= np.uint64(1) << np.uint64(b)
+        out[n, w] = np.int64(word)
+
+
+@njit(**JIT)
 def _pack(proj, out):
-    """Sign bits (``>= 0``) of ``proj [N, R]`` packed least significant bit first into ``out [N, W]``."""
-    rows, bits = proj.shape
-    for n in range(rows):
-        for w in range(out.shape[1]):
-            word = np.uint64(0)
-            for b in range(64):
-                r = 64 * w + b
-                if r < bits and proj[n, r] >= 0:
-                    word |= np.uint64(1) << np.uint64(b)
-            out[n, w] = np.int64(word)
+    """Sign bits of every row of ``proj [N, R]`` packed into ``out [N, W]`` (:func:`_pack_row`)."""
+    for n in range(proj.shape[0]):
+        _pack_row(proj[n], out, n)
 
 
 @njit(fastmath=FASTMATH, **JIT)
@@ -122,13 +128,7 @@ def code_key_row(keys, n, half, kvh, center, proj_w, codes, norms, centred, proj
         for j in range(dim):
             acc += proj_w[kvh, r, j] * centred[j]
         proj[r] = acc
-    for w in range(codes.shape[1]):
-        word = np.uint64(0)
-        for b in range(64):
-            r = 64 * w + b
-            if r < proj.shape[0] and proj[r] >= 0:
-                word |= np.uint64(1) << np.uint64(b)
-        codes[un, w] = np.int64(word)
+    _pack_row(proj, codes, un)
 
 
 @njit(fastmath=FASTMATH, **JIT)

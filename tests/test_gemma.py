@@ -48,7 +48,7 @@ def test_sliding_rule_is_the_one_transformers_caches_follow(gemma):
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("prefill", ["dense", "tiered"])
+@pytest.mark.parametrize("prefill", ["dense", "tiered", "blocks"])
 def test_all_high_generate_equals_full_attention(gemma, encoders, prefill, backend):
     """The anchor property with sliding layers beside the tiered ones; prompts longer than the window;
     head dim 256 and one KV head through both backends."""

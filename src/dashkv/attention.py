@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dashkv.block_prefill import block_prefill_attention
 from dashkv.calibration import update_prior, vote_threshold, whole_bits
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders, LayerHashEncoder
@@ -287,6 +288,22 @@ class DashKVRuntime:
             held = self._ops = (device, get_backend(self.config.backend, device))
         return held[1]
 
+    def _block_prefill(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       visible: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+        """A prefill chunk through :func:`dashkv.block_prefill.block_prefill_attention`; the momentum prior
+        is not kept (the next decode step starts its own)."""
+        cfg = self.config
+        encoder = self._encoders[layer_idx]
+        layer = self._cache_layer(layer_idx, key, coding=True)
+        codes = layer.codes if layer is not None else encoder.encode_key(key)[0]
+        output, counts = block_prefill_attention(
+            query, key, value, codes, encoder, visible, scaling, self._backend(query.device),
+            share=cfg.high + cfg.mid, sinks=cfg.sinks, window=cfg.window, block=cfg.prefill_block,
+        )  # fmt: skip
+        self.stats.record_counts(layer_idx, counts)
+        self.prior = None
+        return output.transpose(1, 2)
+
     def attend(
         self,
         module: nn.Module,
@@ -308,15 +325,19 @@ class DashKVRuntime:
         batch, heads, queries, _ = query.shape
         keys = key.shape[-2]
         dense_layer = layer_idx in cfg.dense_layers
+        blocks = cfg.prefill == "blocks" and queries > 1  # a prefill chunk, in blocks of shared keys
         # exact SDPA unless the weights are needed: the dense prefill, short caches (where it is the
-        # faster of the two) and dense layers without momentum
-        if (keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below or (dense_layer and not cfg.momentum):
+        # faster of the two) and dense layers without momentum (a block prefill keeps no momentum)
+        if ((keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below
+                or (dense_layer and (blocks or not cfg.momentum))):  # fmt: skip
             self.stats.record_dense(layer_idx)
             if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
                 self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
-        ops = self._backend(query.device)
         visible, always = self._mask(batch, queries, keys, attention_mask, query.device)
+        if blocks:
+            return self._block_prefill(layer_idx, query, key, value, visible, scaling)
+        ops = self._backend(query.device)
         if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
             self.stats.record_dense(layer_idx)
             result = dense_step(query, key, value, visible, scaling, ops)

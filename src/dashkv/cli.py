@@ -458,6 +458,31 @@ def bench_generate(
     typer.echo(f"\nwrote {output / 'generate.json'}")
 
 
+@bench_app.command("prefill")
+def bench_prefill(
+    output: Path = typer.Option(Path("runs/bench"), help="Folder for prefill.json."),
+    lengths: str = typer.Option("8K,16K,32K", help="Comma-separated context lengths in tokens (cut to the model's limit)."),
+    modes: str = typer.Option("dense,tiered,blocks", help="Comma-separated prefill modes; dense is always timed."),
+    model: Optional[str] = typer.Option(None, help="HF directory or hub id; default: embedded SmolLM2-135M."),
+    threads: int = typer.Option(2),
+) -> None:
+    """Prefill time and fidelity: dense against tiered and block prefill of the same context, one run."""
+    from tqdm import tqdm
+
+    from dashkv.bench import prefill
+
+    sizes = _lengths(lengths)
+    chosen = tuple(m.strip() for m in modes.split(","))
+    try:  # before the model loads
+        prefill.check_options(sizes, chosen)
+    except ValueError as error:
+        _user_error(str(error))
+    _check_model_option(model)
+    results = prefill.run(sizes, chosen, model, output, threads, progress=lambda xs: tqdm(xs, desc="contexts"))
+    typer.echo(prefill.table(results))
+    typer.echo(f"\nwrote {output / 'prefill.json'}")
+
+
 def _lengths(text: str) -> tuple[int, ...]:
     """``"2048,4K,8k"`` -> ``(2048, 4096, 8192)``: integers, or multiples of 1024 written with K."""
     sizes = []

@@ -10,7 +10,7 @@ from numbers import Integral, Real
 SUPPORTED_BITS = (16, 32, 64, 128)
 # The code length, written once: what ships, and the default of DashKVConfig and HashEncoders alike.
 DEFAULT_BITS = 128
-PREFILL_MODES = ("dense", "tiered")
+PREFILL_MODES = ("dense", "tiered", "blocks")
 SELECTORS = ("hash", "oracle")
 SHARING = ("head", "group")
 
@@ -90,7 +90,11 @@ class DashKVConfig:
         buys nothing.
     prefill : str
         ``"dense"``: a forward over an empty cache runs full attention (the context is prefilled
-        exactly); ``"tiered"``: it goes through the tiers too, in query chunks.
+        exactly); ``"tiered"``: it goes through the tiers too, in query chunks; ``"blocks"``: each block of
+        ``prefill_block`` queries attends exactly to the ``high + mid`` share of keys nearest to its
+        codes, plus sinks and window (:mod:`dashkv.block_prefill`; one matrix product a block).
+    prefill_block : int
+        Queries that share one key selection with ``prefill="blocks"``.
     chunk_size : int
         Query tokens processed at once through the tiers (bounds memory to ``chunk * S``).
     dense_below : int
@@ -123,6 +127,7 @@ class DashKVConfig:
     temporal_discount: float | None = None
     dense_layers: tuple[int, ...] = field(default=(0,))
     prefill: str = "dense"
+    prefill_block: int = 64
     chunk_size: int = 256
     dense_below: int = 6144
     backend: str = "auto"
@@ -165,6 +170,7 @@ class DashKVConfig:
             _fail("dense_layers", layers, "a sequence of layer indices >= 0, e.g. (0,) or ()")
         store("dense_layers", tuple(sorted({int(i) for i in layers})))
         check_choice("prefill", self.prefill, PREFILL_MODES)
+        store("prefill_block", check_int("prefill_block", self.prefill_block, 1))
         store("chunk_size", check_int("chunk_size", self.chunk_size, 1))
         store("dense_below", check_int("dense_below", self.dense_below, 0))
         check_choice("share", self.share, SHARING)

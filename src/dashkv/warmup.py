@@ -37,9 +37,11 @@ DECODE_KERNELS = (
     "attend.merge_kernel",
     "attend.scale_probs",
     "tables.byte_tables",
+    "select.block_distance_kernel",
+    "encode.key_codes_kernel",  # a block prefill codes a chunk's few new keys from Python
 )
-"""The kernels the decode path calls from Python (modules of :mod:`dashkv.ops.cpu`); kernels they
-call are compiled (and cached) with them."""
+"""The kernels the decode path (and the block prefill) calls from Python (modules of
+:mod:`dashkv.ops.cpu`); kernels they call are compiled (and cached) with them."""
 
 GEOMETRY = dict(head_dim=64, num_attention_heads=9, num_key_value_heads=3)
 """Attention geometry of the default model (SmolLM2-135M): D = 64, 9 query heads, 3 KV heads."""
@@ -179,7 +181,8 @@ def tiny_model(num_layers: int = 3, vocab_size: int = 128, dtype: torch.dtype = 
 
 def variants() -> dict[str, object]:
     """The config variants :func:`warmup` runs: the defaults (consensus and cross-layer momentum on) with
-    tiers per query head and per GQA group, and the tiered prefill (query blocks of ``chunk_size``)."""
+    tiers per query head and per GQA group, the tiered prefill (query blocks of ``chunk_size``) and the
+    block prefill."""
     from dashkv.config import DEFAULT_BITS, DashKVConfig
 
     # "cpu": fail loudly rather than warm up the reference; dense_below=0: the tiny context goes through the tiers
@@ -188,6 +191,7 @@ def variants() -> dict[str, object]:
         "share=head": dataclasses.replace(base, share="head"),
         "share=group": dataclasses.replace(base, share="group"),
         "prefill=tiered": dataclasses.replace(base, prefill="tiered"),
+        "prefill=blocks": dataclasses.replace(base, prefill="blocks"),
     }
 
 

@@ -373,19 +373,25 @@ def run(
     return results
 
 
-def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, progress, busy: int,
-             dense_below: int | None = None) -> dict:
-    """Load the model and its encoders, then :func:`compare` under ``busy`` competitors: the results."""
+def model_and_encoders(model_name: str | None):
+    """``(model, tokenizer, encoders, source)``: the model's shipped encoders, or else random projection."""
     import dashkv
     from dashkv.shipped import shipped_encoders
 
     model, tokenizer = dashkv.load_model(model_name)
     try:
-        encoders, source = shipped_encoders(model), "shipped"
+        return model, tokenizer, shipped_encoders(model), "shipped"
     except ValueError:
         bits = dashkv.DashKVConfig.bits
-        encoders = dashkv.HashEncoders.random(model, bits=bits, seed=0)
-        source = f"random projection ({bits} bits, seed 0)"
+        return model, tokenizer, dashkv.HashEncoders.random(model, bits=bits, seed=0), f"random projection ({bits} bits, seed 0)"
+
+
+def _measure(lengths, new_tokens: int, threads: int, model_name: str | None, progress, busy: int,
+             dense_below: int | None = None) -> dict:
+    """Load the model and its encoders, then :func:`compare` under ``busy`` competitors: the results."""
+    import dashkv
+
+    model, tokenizer, encoders, source = model_and_encoders(model_name)
     limit = getattr(model.config, "max_position_embeddings", None) or max(lengths) + new_tokens
     contexts = [context_ids(tokenizer, min(n, limit - new_tokens)) for n in lengths]
     config = dashkv.DashKVConfig(bits=encoders.bits)

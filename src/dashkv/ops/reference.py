@@ -76,6 +76,30 @@ def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torc
     return popcount64(xor).sum(-1).to(torch.int32)
 
 
+def block_distance(query_codes: torch.Tensor, key_codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Smallest Hamming distance from each key to the queries of a block of ``block`` consecutive
+    tokens, over the query heads of the key's GQA group: how near the key comes to any of them (the
+    block prefill's selection score, :mod:`dashkv.block_prefill`).
+
+    Parameters
+    ----------
+    query_codes : Tensor[B, H, T, W], int64
+    key_codes : Tensor[B, Hkv, S, W], int64
+    block : int >= 1
+
+    Returns
+    -------
+    Tensor[B, Hkv, ceil(T / block), S], int32
+    """
+    batch, heads, tokens, _ = query_codes.shape
+    kv_heads, seq = key_codes.shape[1], key_codes.shape[2]
+    out = []
+    for start in range(0, tokens, block):
+        dist = hamming_distance(query_codes[:, :, start : start + block], key_codes)  # [B, H, Tb, S]
+        out.append(dist.view(batch, kv_heads, -1, seq).amin(2))  # a group's heads are consecutive
+    return torch.stack(out, 2) if out else torch.empty(batch, kv_heads, 0, seq, dtype=torch.int32)
+
+
 def budget_counts(num_eligible: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keys a fraction buys: ``ceil(fraction * n)`` per row, never more than ``n``."""
     k = torch.ceil(num_eligible.to(torch.float64) * fraction - 1e-9).clamp_(min=0)

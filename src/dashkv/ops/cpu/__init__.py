@@ -40,6 +40,7 @@ parallel launch waits until every worker gets a time slice; ``OMP_WAIT_POLICY=pa
 from dashkv.ops.cpu.api import (
     CHUNK,
     assign_tiers,
+    block_distance,
     code_scan_plan,
     hamming_distance,
     kth_smallest,
@@ -58,6 +59,7 @@ __all__ = [
     "MID",
     "MidTierInputs",
     "assign_tiers",
+    "block_distance",
     "budget_counts",
     "code_scan_plan",
     "dash_attention",

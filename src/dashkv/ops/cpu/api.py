@@ -15,7 +15,9 @@ from dashkv.ops.cpu import fused
 from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.attend import attn_tiers_kernel, merge_kernel, scale_probs
 from dashkv.ops.cpu.plan import NO_MID
-from dashkv.ops.cpu.select import hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel
+from dashkv.ops.cpu.select import (
+    block_distance_kernel, hamming_kernel, hist_kernel, select_kernel, thresholds, tiers_kernel,
+)
 from dashkv.ops.cpu.step import MidTier, Partials
 from dashkv.ops.cpu.tables import cos_table, residual_tables
 from dashkv.ops.reference import MidTierInputs
@@ -36,6 +38,22 @@ def hamming_distance(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torc
         (kc,), stride = vw.key_rows(vw.check_codes(key_codes))
         hamming_kernel(vw.codes_array(query_codes), vw.as_numpy(kc), kheads, stride, out, CHUNK)
     return torch.from_numpy(out).view(nbatch, heads, tokens, seq)
+
+
+def block_distance(query_codes: torch.Tensor, key_codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Smallest distance of each key to a query block's codes ``[B, Hkv, blocks, S]`` int32 (see
+    :func:`dashkv.ops.reference.block_distance`)."""
+    vw.check_cpu(query_codes, key_codes)
+    nbatch, heads, tokens, words = query_codes.shape
+    kb, kheads, seq, kw = key_codes.shape
+    if kw != words or heads % kheads or kb not in (1, nbatch) or block < 1:
+        raise ValueError(f"codes {tuple(query_codes.shape)} and {tuple(key_codes.shape)} (block {block}) do not match")
+    blocks = -(-tokens // block)
+    out = np.empty((nbatch * kheads * blocks, seq), np.int32)
+    if out.size:
+        (kc,), stride = vw.key_rows(vw.check_codes(key_codes))
+        block_distance_kernel(vw.codes_array(query_codes), vw.as_numpy(kc), kheads, stride, block, out)
+    return torch.from_numpy(out).view(nbatch, kheads, blocks, seq)
 
 
 def _histogram(dist, vis_bytes, lo, hi):

@@ -120,6 +120,30 @@ def hamming_kernel(qc, kc, kheads, kstride, out, chunk):
     return out
 
 
+@njit(**PJIT)
+def block_distance_kernel(qc, kc, kheads, kstride, block, out):
+    """``qc [B, H, T, W]``, ``kc [Bk * Hkv * S, W]`` -> ``out [B * Hkv * blocks, S]`` int32: per (batch,
+    KV head, query block), the smallest distance of each key to the block's rows of the GQA group."""
+    nbatch, heads, tokens, words = qc.shape
+    seq = out.shape[1]
+    kbatch = kc.shape[0] // (kheads * kstride)
+    groups = heads // kheads
+    blocks = (tokens + block - 1) // block
+    for task in prange(nbatch * kheads * blocks):
+        b, kvh, j, kbase, _, _ = task_span(task, blocks, kheads, kbatch, seq, seq, kstride)
+        row = np.empty((1, seq), np.int32)
+        r = np.uintp(task)
+        for s in range(seq):
+            out[r, np.uintp(s)] = 64 * words + 1
+        for g in range(groups):
+            for t in range(j * block, min(tokens, (j + 1) * block)):
+                hamming_row(qc, b, kvh * groups + g, t, kc, kbase, 0, seq, row, 0, False)
+                for s in range(seq):
+                    u = np.uintp(s)
+                    out[r, u] = min(out[r, u], row[0, u])
+    return out
+
+
 @njit(**JIT)
 def row_chunk(task, nch, seq, chunk, vdims):
     """``(row, chunk, mask row, s0, s1)`` of task number ``task`` of the per-op kernels below, whose

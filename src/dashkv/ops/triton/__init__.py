@@ -22,6 +22,8 @@ is set before this package is imported (the tests do so).
 """
 
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
+# the block prefill's score: torch ops, run on the GPU as written (a per-block distance, no kernel yet)
+from dashkv.ops.reference import block_distance
 from dashkv.ops.triton.api import (
     assign_tiers,
     decode_step,
@@ -42,6 +44,7 @@ __all__ = [
     "MID",
     "MidTierInputs",
     "assign_tiers",
+    "block_distance",
     "budget_counts",
     "decode_step",
     "encode_key",

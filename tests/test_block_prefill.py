@@ -136,3 +136,15 @@ def test_prefill_block_is_checked():
         DashKVConfig(prefill="blocks", prefill_block=0)
     with pytest.raises(ValueError, match="prefill="):
         DashKVConfig(prefill="block")
+
+
+def test_keeping_every_key_equals_full_attention_on_each_device(device):
+    """The backend ``auto`` picks for the device (numba on the CPU, Triton's on a GPU)."""
+    from dashkv.ops.dispatch import get_backend
+
+    encoder, q, k, v, codes = _inputs()
+    encoder, q, k, v, codes = encoder.to(device), q.to(device), k.to(device), v.to(device), codes.to(device)
+    visible = visibility(2, 200, 300, None, q.device)
+    out, _ = block_prefill_attention(q, k, v, codes, encoder, visible, 0.25, get_backend("auto", q.device),
+                                     share=1.0, sinks=4, window=8, block=16)  # fmt: skip
+    torch.testing.assert_close(out, _sdpa(q, k, v, visible, 0.25), rtol=1e-4, atol=1e-4)

@@ -148,3 +148,16 @@ def test_keeping_every_key_equals_full_attention_on_each_device(device):
     out, _ = block_prefill_attention(q, k, v, codes, encoder, visible, 0.25, get_backend("auto", q.device),
                                      share=1.0, sinks=4, window=8, block=16)  # fmt: skip
     torch.testing.assert_close(out, _sdpa(q, k, v, visible, 0.25), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_query_positions_get_zeros_and_the_others_full_attention():
+    """A first chunk (queries = keys) of a left-padded batch: padded positions see no key."""
+    encoder, q, k, v, codes = _inputs(keys=120, queries=120)
+    keep = torch.ones(2, 120, dtype=torch.bool)
+    keep[0, :10] = False
+    visible = visibility(2, 120, 120, None, q.device) & keep.view(2, 1, 1, 120)
+    out, _ = block_prefill_attention(q, k, v, codes, encoder, visible, 0.25, cpu, share=1.0, sinks=4, window=8,
+                                     block=16)  # fmt: skip
+    assert torch.equal(out[0, :, :10], torch.zeros_like(out[0, :, :10]))
+    torch.testing.assert_close(out[0, :, 10:], _sdpa(q, k, v, visible, 0.25)[0, :, 10:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], _sdpa(q, k, v, visible, 0.25)[1], rtol=1e-5, atol=1e-5)

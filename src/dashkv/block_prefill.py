@@ -94,6 +94,8 @@ def block_prefill_attention(
     if sinks:
         sink_idx = sink_pos.view(batch, 1, sinks).expand(-1, kv_heads, -1)
         sink_k, sink_v = _rows(key, sink_idx), _rows(value, sink_idx)
+    # a query that sees no key (a padded position) gets zeros; a query that sees itself sees its band
+    blind = not bool(rows_visible.diagonal(offset=offset, dim1=1, dim2=2).all())
     out = torch.empty_like(query)
     attended = 0
     for index, begin in enumerate(range(0, queries, block)):
@@ -122,7 +124,8 @@ def block_prefill_attention(
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * rows, -1)
         k, v = torch.cat(parts_k, 2), torch.cat(parts_v, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        o = torch.where(mask.any(-1, keepdim=True), o, 0)  # a query that sees no key (padding): zeros
+        if blind:
+            o = torch.where(mask.any(-1, keepdim=True), o, 0)
         out[:, :, begin:stop] = o.view(batch, heads, rows, dim)
     total = int(rows_visible.count_nonzero()) * heads  # count_nonzero: 20x faster than a bool sum
     return out, torch.tensor([attended, 0, total - attended], dtype=torch.int64)

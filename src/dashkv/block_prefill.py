@@ -75,10 +75,6 @@ def block_prefill_attention(
     triples attended, estimated (always 0) and skipped, over the visible ones)
     """
     batch, heads, queries, dim = query.shape
-    import os
-    if os.environ.get("BP_HEAD"):
-        g = heads // key.shape[1]
-        key, value, key_codes = (t.repeat_interleave(g, 1) for t in (key, value, key_codes))
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     offset = keys - queries  # position of the chunk's first query

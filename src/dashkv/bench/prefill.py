@@ -92,8 +92,7 @@ def check_options(lengths: tuple[int, ...], modes: tuple[str, ...]) -> None:
 def run(lengths: tuple[int, ...], modes: tuple[str, ...] = MODES, model_name: str | None = None,
         output: Path | None = None, threads: int = 2, progress=None) -> dict:  # fmt: skip
     """:func:`compare` on a model (default: the embedded SmolLM2-135M) with its shipped encoders (else
-    random projection) and the default config;
-    writes ``prefill.json`` to ``output`` if given."""
+    random projection) and the default config; writes ``prefill.json`` to ``output`` if given."""
     import dashkv
 
     check_options(lengths, modes)

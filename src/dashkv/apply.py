@@ -20,9 +20,9 @@ from dataclasses import fields
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
+from dashkv import registry
 from dashkv.attention import ATTENTION_NAME, RUNTIME_KWARG, DashKVRuntime, dashkv_attention_forward
 from dashkv.cache import DashKVCache, upgrade_cache
 from dashkv.config import DashKVConfig
@@ -35,9 +35,8 @@ logger = logging.getLogger(__name__)
 
 def register_attention() -> None:
     """Register the ``"dashkv"`` attention and mask functions with transformers (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, dashkv_attention_forward)
     # the sdpa mask: boolean [B, 1, T, S], or None when the pattern is plain causal
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    registry.register_attention(ATTENTION_NAME, dashkv_attention_forward, sdpa_mask)
 
 
 class _SharedStats(TierStats):

@@ -138,9 +138,10 @@ def timed_attention(model, timer: AttentionTimer) -> Iterator[AttentionTimer]:
     ``<name>`` and adds its wall time to ``timer.seconds``, sets the model's attention implementation
     to it, and restores ``<name>`` on exit. Inside :func:`dashkv.enable`, ``<name>`` is ``"dashkv"``.
     """
-    from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from dashkv.registry import register_attention
 
     previous = model.config._attn_implementation
     if previous not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -155,8 +156,7 @@ def timed_attention(model, timer: AttentionTimer) -> Iterator[AttentionTimer]:
             timer.seconds += time.perf_counter() - start
 
     name = f"timed_{previous}"
-    AttentionInterface.register(name, timed)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    register_attention(name, timed, ALL_MASK_ATTENTION_FUNCTIONS[previous])
     model.set_attn_implementation(name)
     try:
         yield timer

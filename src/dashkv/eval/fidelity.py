@@ -17,9 +17,8 @@ import math
 import time
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
 from dashkv import corpus
 from dashkv.baselines.hashing import TieredMethod
@@ -27,6 +26,7 @@ from dashkv.baselines.method import Method
 from dashkv.eval.protocol import block_logits
 from dashkv.eval.store import ResultStore
 from dashkv.eval.suite import SuiteSpec, prefill_for
+from dashkv.registry import register_attention
 from dashkv.training.collect import token_windows
 from dashkv.training.quality import recall_at
 
@@ -52,8 +52,7 @@ def documents(tokenizer, length: int, count: int) -> list[torch.Tensor]:
 
 def _full_logits(model, pre, block: torch.Tensor, recorder: _QueryKeyRecorder) -> torch.Tensor:
     cache = Method().build_cache(model, pre)
-    AttentionInterface.register(RECORD_NAME, recorder)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORD_NAME, sdpa_mask)
+    register_attention(RECORD_NAME, recorder, sdpa_mask)
     previous = model.config._attn_implementation
     try:
         model.set_attn_implementation(RECORD_NAME)

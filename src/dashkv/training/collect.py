@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from dashkv.registry import register_attention
 
 COLLECT_NAME = "dashkv_collect"
 
@@ -120,7 +121,7 @@ def collect(
             if max_position is not None and max_position > length and not natural:
                 offset = int(torch.randint(max_position - length + 1, (1,), generator=generator))
             position_ids = (offset + torch.arange(length)).view(1, -1).to(model.device)
-            AttentionInterface.register(COLLECT_NAME, _Recorder(positions, store, keep_values, skip))
+            register_attention(COLLECT_NAME, _Recorder(positions, store, keep_values, skip))
             model.set_attn_implementation(COLLECT_NAME)
             # the base model: the LM head is not needed (10 % of the work)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bfloat16):

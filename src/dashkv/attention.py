@@ -247,15 +247,17 @@ class DashKVRuntime:
         self._plans[layer_idx] = held[1]
         return held[1]
 
-    def _mask(self, batch: int, queries: int, keys: int, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``visible`` and ``always`` of this forward, built once and shared by its layers (they see the
-        same mask; dense and sliding layers of other models would pass another mask object)."""
+    def _mask(self, batch: int, queries: int, keys: int, attention_mask, device,
+              always: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """``visible`` and (if ``always``) ``always`` of this forward, built once and shared by its layers
+        (they see the same mask; dense and sliding layers of other models would pass another mask
+        object). The block prefill needs no ``always``: 0.3 s a chunk at 32K keys, not built for it."""
         key = (batch, queries, keys, None if attention_mask is None else id(attention_mask))
         held = self._masks.get(key)
         if held is None or (attention_mask is not None and held[0] is not attention_mask):
-            visible = visibility(batch, queries, keys, attention_mask, device)
-            held = (attention_mask, visible, always_high(visible, self.config.sinks, self.config.window))
-            self._masks[key] = held
+            held = self._masks[key] = [attention_mask, visibility(batch, queries, keys, attention_mask, device), None]
+        if always and held[2] is None:
+            held[2] = always_high(held[1], self.config.sinks, self.config.window)
         return held[1], held[2]
 
     def _cache_layer(self, layer_idx: int, key: torch.Tensor, coding: bool = False):
@@ -294,8 +296,8 @@ class DashKVRuntime:
         is not kept (the next decode step starts its own)."""
         cfg = self.config
         encoder = self._encoders[layer_idx]
-        layer = self._cache_layer(layer_idx, key, coding=True)
-        codes = layer.codes if layer is not None else encoder.encode_key(key)[0]
+        layer = self._cache_layer(layer_idx, key)
+        codes = layer.codes if layer is not None else encoder.encode_key(key)[0]  # every key coded
         output, counts = block_prefill_attention(
             query, key, value, codes, encoder, visible, scaling, self._backend(query.device),
             share=cfg.high + cfg.mid, sinks=cfg.sinks, window=cfg.window, block=cfg.prefill_block,
@@ -334,7 +336,7 @@ class DashKVRuntime:
             if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
                 self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
-        visible, always = self._mask(batch, queries, keys, attention_mask, query.device)
+        visible, always = self._mask(batch, queries, keys, attention_mask, query.device, always=not blocks)
         if blocks:
             return self._block_prefill(layer_idx, query, key, value, visible, scaling)
         ops = self._backend(query.device)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -67,3 +69,23 @@ def test_unsupported_bits_are_refused(tiny_qwen2):
 def test_from_pretrained_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         HashEncoders.from_pretrained(tmp_path)
+
+
+def test_dense_layers_of_the_encoders_are_saved_checked_and_read(tiny_qwen2, tmp_path):
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    assert enc.dense_layers == ()
+    enc.dense_layers = [2, 1, 2]
+    assert enc.dense_layers == (1, 2)
+    enc.save_pretrained(tmp_path)
+    assert HashEncoders.from_pretrained(tmp_path).dense_layers == (1, 2)
+    for bad in ([3], [-1], [True], "1", [1.0]):  # the tiny model has layers 0..2
+        with pytest.raises(ValueError, match="dense_layers=.*layer indices in 0..2"):
+            enc.dense_layers = bad
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dense_layers"] = [7]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: dense_layers=\[7\] is not allowed"):
+        HashEncoders.from_pretrained(tmp_path)
+    del config["dense_layers"]  # files written before the field existed: no dense layers
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert HashEncoders.from_pretrained(tmp_path).dense_layers == ()

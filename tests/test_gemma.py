@@ -113,6 +113,29 @@ def test_sliding_layers_run_exactly_as_transformers_runs_them(gemma, encoders):
             assert layer.keys.shape[-2] == ids.shape[1]
 
 
+def test_layers_the_encoders_leave_dense_attend_exactly_whatever_the_config(gemma, encoders):
+    """``HashEncoders.dense_layers`` joins ``DashKVConfig.dense_layers``: with every full layer named, a
+    5 % budget generates what full attention does; with one named, that layer attends exactly (no
+    codes in its cache layer, no tier counts) while the other runs the tiers."""
+    ids = _ids(70, batch=2)
+    tiered = DashKVConfig.full(high=0.05, mid=0.15, sinks=2, window=8, dense_layers=())
+    with torch.no_grad():
+        full = gemma.generate(ids, **NEW)
+        for named in (FULL, FULL[:1]):
+            dense = copy.deepcopy(encoders)
+            dense.dense_layers = named
+            cache = DashKVCache(dense, tiered.dense_layers, config=gemma.config)
+            with dashkv.enable(gemma, dense, tiered) as stats:
+                hashed = gemma.generate(ids, past_key_values=cache, **NEW)
+            assert sorted(stats.counts) == [i for i in FULL if i not in named]
+            assert all(stats.dense_calls[i] > 0 for i in named)
+            assert all(cache.layers[i].encoder is None and cache.layers[i].codes is None for i in named)
+            if named == FULL:
+                assert torch.equal(hashed, full)
+            else:
+                assert stats.summary()[FULL[1]]["high"] < 1.0
+
+
 def test_a_cache_prefilled_outside_the_block_is_upgraded_on_its_full_layers_only(gemma, encoders):
     """Exact chunked prefill first, then DASH-KV decodes from the same mixed cache."""
     ids = _ids(60, seed=5)

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -223,6 +223,8 @@ def _resolve(model: nn.Module, encoders, config) -> tuple[HashEncoders, DashKVCo
     elif not isinstance(config, DashKVConfig):
         raise TypeError(f"config={type(config).__name__} is not allowed; config must be DashKVConfig, a mapping "
                         "of its settings, or None (the defaults)")  # fmt: skip
+    if not set(encoders.dense_layers) <= set(config.dense_layers):  # layers the encoders do not serve stay exact
+        config = replace(config, dense_layers=(*config.dense_layers, *encoders.dense_layers))
     return encoders, config
 
 

@@ -205,7 +205,9 @@ class DashKVLayer(DynamicLayer):
 
 
 def _layer_encoders(encoders: HashEncoders, dense_layers: tuple[int, ...]) -> list[LayerHashEncoder | None]:
-    return [None if i in dense_layers else enc for i, enc in enumerate(encoders.layers)]
+    """Each layer's encoder, None for the layers that stay dense (``dense_layers`` and the encoders' own)."""
+    dense = set(dense_layers) | set(encoders.dense_layers)
+    return [None if i in dense else enc for i, enc in enumerate(encoders.layers)]
 
 
 class DashKVCache(DynamicCache):

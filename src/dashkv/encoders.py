@@ -12,6 +12,8 @@ Codes are taken from post-RoPE vectors, the ones whose dot products the model ac
 
 Each layer also owns the learnable parameters of the mid tier (temperature, bias, residual bit
 weights) and the calibration discounts, so one artifact carries everything training produced.
+Encoders may name layers they leave to full attention (``dense_layers``): layers whose codes were
+measured to miss what the layer needs. ``enable`` and :class:`~dashkv.cache.DashKVCache` keep them exact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -153,9 +156,13 @@ class HashEncoders(nn.Module):
         Query MLP width.
     fingerprint : str or None
         :func:`model_fingerprint` of the model the encoders were made for.
+    dense_layers : sequence of int
+        Layers these encoders leave to full attention, whatever ``DashKVConfig.dense_layers`` says (the
+        two are joined): layers where their codes were measured to miss the keys the layer needs.
     """
 
-    def __init__(self, shape: dict, bits: int = DEFAULT_BITS, hidden: int = 256, fingerprint: str | None = None):
+    def __init__(self, shape: dict, bits: int = DEFAULT_BITS, hidden: int = 256, fingerprint: str | None = None,
+                 dense_layers: Sequence[int] = ()):  # fmt: skip
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported; bits must be one of {SUPPORTED_BITS}")
@@ -165,6 +172,22 @@ class HashEncoders(nn.Module):
             LayerHashEncoder(shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], bits, hidden)
             for _ in range(shape["num_layers"])
         )
+        self.dense_layers = dense_layers
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """Layers these encoders leave to full attention (sorted)."""
+        return self._dense_layers
+
+    @dense_layers.setter
+    def dense_layers(self, layers: Sequence[int]) -> None:
+        count = self.shape["num_layers"]
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count for i in layers
+        ):  # fmt: skip
+            raise ValueError(f"dense_layers={layers!r} is not allowed; dense_layers must be a sequence of layer "
+                             f"indices in 0..{count - 1}, e.g. (11,) or ()")  # fmt: skip
+        self._dense_layers = tuple(sorted({int(i) for i in layers}))
 
     @classmethod
     def random(cls, model: nn.Module, bits: int = DEFAULT_BITS, seed: int = 0, hidden: int = 256) -> "HashEncoders":
@@ -228,6 +251,7 @@ class HashEncoders(nn.Module):
             "hidden": self.hidden,
             "model": self.shape,
             "fingerprint": self.fingerprint,
+            "dense_layers": list(self.dense_layers),
             DIGEST_FIELD: weights_digest(tensors),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -248,7 +272,8 @@ class HashEncoders(nn.Module):
         """
         config, tensors = _read_checked(Path(directory))
         model = config["model"]
-        encoders = cls(model, bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"])
+        encoders = cls(model, bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"],
+                       dense_layers=config.get("dense_layers", []))  # fmt: skip
         encoders.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         return encoders.eval()
 
@@ -337,6 +362,11 @@ def _check_config(config: object, path: Path) -> None:
         bad("model.num_kv_heads", model["num_kv_heads"], f"a divisor of model.num_heads={model['num_heads']}")
     if config["fingerprint"] is not None and not isinstance(config["fingerprint"], str):
         bad("fingerprint", config["fingerprint"], "a string or null")
+    dense = config.get("dense_layers", [])  # absent in files written before it existed
+    if not isinstance(dense, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < model["num_layers"] for i in dense
+    ):  # fmt: skip
+        bad("dense_layers", dense, f"a list of layer indices in 0..{model['num_layers'] - 1}")
     digest = config.get(DIGEST_FIELD)
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64
                                    and all(c in "0123456789abcdef" for c in digest)):  # fmt: skip

@@ -64,10 +64,11 @@ def _full_logits(model, pre, block: torch.Tensor, recorder: _QueryKeyRecorder) -
 def _recall(method: TieredMethod, recorder: _QueryKeyRecorder, length: int, scaling: float) -> float:
     cfg = method.config
     encoders = None if cfg.selector == "oracle" else method.encoders
+    dense = set(cfg.dense_layers) | set(method.encoders.dense_layers if method.encoders is not None else ())
     positions = torch.arange(length - RECALL_QUERIES, length)
     values = [
         recall_at(None if encoders is None else encoders.layers[i], q, k, positions, cfg.high, cfg.sinks, cfg.window, scaling)
-        for i, (q, k) in sorted(recorder.layers.items()) if i not in cfg.dense_layers
+        for i, (q, k) in sorted(recorder.layers.items()) if i not in dense
     ]
     return sum(values) / len(values)
 

@@ -139,7 +139,13 @@ def test_train_writes_encoders_and_held_out_metrics(tmp_path, device, word_level
         assert mean["oracle_high@5%"] >= mean["random_high@5%"] > 0
         assert mean["next_token_kl_trained"] >= 0 and mean["output_error_trained"] > 0
     model, _ = load_model(word_level_model)
-    HashEncoders.from_pretrained(out).check_compatible(model)
+    loaded = HashEncoders.from_pretrained(out)
+    loaded.check_compatible(model)
+    check = metrics["layer_check"]  # each trained layer measured alone; those over the limit left dense
+    assert check["length"] == 1024 and sorted(k for k in check["layers"] if k != "full") == ["1", "2"]
+    assert all(row["kl"] >= 0 for key, row in check["layers"].items() if key != "full")
+    over = [int(k) for k, row in check["layers"].items() if k != "full" and row["kl"] > check["max_kl"]]
+    assert list(loaded.dense_layers) == check["dense_layers"] == over
 
 
 @pytest.mark.parametrize("name", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))

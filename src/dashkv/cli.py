@@ -308,6 +308,10 @@ def train(
         None, "--bf16/--fp32", help="Teacher forward in bf16 (default: where the hardware makes it faster)."
     ),
     report: bool = typer.Option(True, help="Measure held-out quality at 2K and 8K tokens afterwards."),
+    layer_check: bool = typer.Option(
+        True, help="Run each layer alone through the tiers over a copied span at the longest training length; "
+                   "layers whose next-token KL exceeds --max-layer-kl are left to full attention."),
+    max_layer_kl: float = typer.Option(0.1, help="The layer check's limit (KL against full attention, nats)."),
     device: str = typer.Option(
         "auto", help="Where the teacher runs and the encoders train: auto (cuda when there), cpu, cuda, cuda:N."
     ),
@@ -364,11 +368,41 @@ def train(
     typer.echo(f"trained in {seconds / 60:.1f} min -> {output}")
     metrics = {"train_seconds": seconds, "teacher_bf16": bf16,
                "config": cfg.__dict__ | {"dense_layers": list(cfg.dense_layers)}}
+    if layer_check:
+        metrics["layer_check"] = _check_layers(lm, tok, encoders, cfg, max_layer_kl, output)
     if report:
         from dashkv.training.quality_cli import held_out_report
 
         metrics["held_out"] = held_out_report(lm, tok, encoders, cfg, echo=typer.echo)
     (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def _check_layers(model, tokenizer, encoders, cfg, max_kl: float, output: Path) -> dict:
+    """``dashkv train``'s layer check (:mod:`dashkv.training.layer_check`): the layers over ``max_kl``
+    go into the encoders' ``dense_layers``, saved again."""
+    import math
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from dashkv.training.layer_check import copy_document, layer_check, layers_to_leave_dense
+
+    if not math.isfinite(max_kl) or max_kl < 0:
+        _user_error(f"--max-layer-kl {max_kl}: must be a finite number >= 0")
+    length = cfg.long_seq_len if cfg.long_sequences else cfg.seq_len
+    start = time.perf_counter()
+    config = DashKVConfig(bits=cfg.bits, high=cfg.high, mid=cfg.mid, sinks=cfg.sinks, window=cfg.window,
+                          dense_layers=cfg.dense_layers, dense_below=0)  # fmt: skip
+    check = layer_check(model, encoders, config, copy_document(tokenizer, length),
+                        progress=lambda xs: tqdm(xs, desc=f"layer check, {length} tokens"))
+    encoders.dense_layers = layers_to_leave_dense(check, max_kl)
+    encoders.save_pretrained(output, dtype=getattr(torch, cfg.weights_dtype))
+    typer.echo(f"layer check at {length} tokens (copied tail perplexity {check['full']['perplexity']:.3f} with full "
+               "attention): " + ", ".join(f"{k} KL {v['kl']:.4f}" for k, v in check.items() if k != "full")
+               + f"; left to full attention: {list(encoders.dense_layers) or 'none'}")  # fmt: skip
+    return {"length": length, "max_kl": max_kl, "seconds": time.perf_counter() - start,
+            "layers": {str(k): v for k, v in check.items()}, "dense_layers": list(encoders.dense_layers)}
 
 
 from dashkv.eval.command import eval_command  # noqa: E402  (imports nothing heavy at module level)

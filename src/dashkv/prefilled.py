@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from dashkv.prefill import chunked_prefill
+
 
 @dataclass
 class Prefill:
@@ -51,10 +53,18 @@ class Prefill:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, recorder: Callable[[dict], AbstractContextManager] | None = None) -> Prefill:
+def prefill(model, ids: torch.Tensor, recorder: Callable[[dict], AbstractContextManager] | None = None,
+            chunk_size: int | None = None) -> Prefill:  # fmt: skip
     """Prefill ``ids`` [1, L] densely through the base model (no LM head); ``recorder(scores)`` is
-    entered around the forward and may fill ``scores`` (kvpress scorers, see ``baselines.presses``)."""
+    entered around the forward and may fill ``scores`` (kvpress scorers, see ``baselines.presses``).
+    ``chunk_size``: prefill in chunks of that many tokens (:func:`dashkv.prefill.chunked_prefill`, the
+    same K/V within rounding); kvpress scores only a single-shot prefill, so no ``recorder`` then."""
     cache = DynamicCache()
+    if chunk_size is not None:
+        if recorder is not None:
+            raise ValueError("recorder: kvpress scores a single-shot prefill only; pass chunk_size=None")
+        chunked_prefill(model, ids, chunk_size, cache)
+        return Prefill(ids, cache, {})
     scores: dict[str, list[torch.Tensor]] = {}
     if recorder is not None:
         with recorder(scores):

@@ -69,6 +69,24 @@ def test_summary_paired_score_counts_only_what_full_attention_gets():
     assert "| dashkv | 5 % |" in table and "0.67 (0.50)" in table
 
 
+def test_cells_full_attention_fails_are_shown_but_not_pooled():
+    at = lambda length, *args, **extra: _record(*args, **extra) | {"length": length}  # noqa: E731
+    records = [
+        at(2048, "passkey", 0, "full", None, [True]), at(2048, "passkey", 1, "full", None, [True]),
+        at(16384, "passkey", 0, "full", None, [True]), at(16384, "passkey", 1, "full", None, [False]),
+        at(16384, "passkey", 2, "full", None, [False]),  # full attention 1 of 3: this cell is dropped
+        at(2048, "passkey", 0, "dashkv", 0.05, [True]), at(2048, "passkey", 1, "dashkv", 0.05, [False]),
+        at(16384, "passkey", 0, "dashkv", 0.05, [True]), at(16384, "passkey", 1, "dashkv", 0.05, [False]),
+        at(16384, "passkey", 2, "dashkv", 0.05, [False]),
+    ]
+    summary = report.summarize(records)
+    dash = next(r for r in summary["retrieval"] if r["method"] == "dashkv")
+    assert summary["tasks"] == ["passkey@2048", "passkey@16384"] and summary["dropped_cells"] == ["passkey@16384"]
+    assert dash["tasks"]["passkey@16384"]["paired"] == 1.0  # still reported per cell
+    assert dash["paired_all"] == 0.5  # from the 2K cell alone
+    assert "Not pooled (full attention scores below 0.5): passkey@16384" in report.markdown(summary)
+
+
 def test_store_resumes_and_skips_a_torn_line(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
     store.add(_record("passkey", 0, "full", None, [True]))

@@ -28,7 +28,8 @@ def _encoders(model, path: Optional[Path], bits: int):
 
 
 def eval_command(
-    suite: str = typer.Option("quick", help="quick (pass key + multi-key at 2K, fidelity at 2K/4K/8K) or full."),
+    suite: str = typer.Option("quick", help="quick (default model: pass key + multi-key at 2K, fidelity at 2K/4K/8K) "
+                                            "or full; gemma-3-270m: 2K-16K, fidelity 8K-32K (dashkv.eval.suite)."),
     methods: str = typer.Option("full,dashkv,oracle,simhash,streamingllm,snapkv,h2o,kivi,ablation",
                                 help="Comma-separated methods."),
     budgets: str = typer.Option("0.02,0.05,0.10", help="Comma-separated budgets (share of context keys)."),
@@ -52,11 +53,12 @@ def eval_command(
     from dashkv.eval import report
     from dashkv.eval.fidelity import run_fidelity
     from dashkv.eval.store import ResultStore
-    from dashkv.eval.suite import SUITES, run_retrieval
+    from dashkv.eval.suite import run_retrieval, suite_for
 
-    if suite not in SUITES:
-        raise typer.BadParameter(f"suite={suite!r}; choose one of {sorted(SUITES)}")
-    spec = SUITES[suite]
+    try:
+        spec = suite_for(suite, model)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
     if tasks is not None:
         chosen = [] if tasks == "none" else [t.strip() for t in tasks.split(",")]
         from dashkv.eval.tasks import TASKS
@@ -64,13 +66,14 @@ def eval_command(
         unknown = [t for t in chosen if t not in TASKS]
         if unknown:
             raise typer.BadParameter(f"tasks {unknown} are not known; choose from {sorted(TASKS)}")
-        spec = dataclasses.replace(spec, tasks={t: spec.tasks.get(t, (2048, 10)) for t in chosen})
+        spec = dataclasses.replace(spec, tasks={t: spec.tasks.get(t, ((2048, 10),)) for t in chosen})
     if not fidelity:
         spec = dataclasses.replace(spec, fidelity_lengths=())
     if samples is not None:
         if samples < 1:
             raise typer.BadParameter(f"samples={samples}; must be >= 1")
-        spec = dataclasses.replace(spec, tasks={t: (n, min(c, samples)) for t, (n, c) in spec.tasks.items()})
+        spec = dataclasses.replace(spec, tasks={t: tuple((n, min(c, samples)) for n, c in cells)
+                                                for t, cells in spec.tasks.items()})  # fmt: skip
     torch.set_num_threads(threads)
     start, cpu = time.perf_counter(), time.process_time()
     lm, tok = dashkv.load_model(model)

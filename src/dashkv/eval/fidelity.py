@@ -25,7 +25,8 @@ from dashkv.baselines.hashing import TieredMethod
 from dashkv.baselines.method import Method
 from dashkv.eval.protocol import block_logits
 from dashkv.eval.store import ResultStore
-from dashkv.eval.suite import SuiteSpec, prefill_for
+from dashkv.eval.suite import SuiteSpec, measurable, prefill_for
+from dashkv.models import attention_scaling, tiered_layers
 from dashkv.registry import register_attention
 from dashkv.training.collect import token_windows
 from dashkv.training.quality import recall_at
@@ -46,8 +47,17 @@ class _QueryKeyRecorder:
 
 
 def documents(tokenizer, length: int, count: int) -> list[torch.Tensor]:
-    """``count`` consecutive windows of ``length`` held-out tokens: Tensor[1, length] each."""
-    return [w.view(1, -1) for w in token_windows(tokenizer, corpus.text("eval"), length, count)]
+    """``count`` consecutive windows of ``length`` held-out tokens: Tensor[1, length] each. Beyond the
+    held-out text (~11K tokens on the default model's tokenizer) it repeats, so the later part of a
+    long document copies its earlier part (perplexity near 1: retrieval at every position)."""
+    text = corpus.text("eval")
+    windows = None
+    while windows is None:
+        try:
+            windows = token_windows(tokenizer, text, length, count)
+        except ValueError:  # shorter than one window
+            text = text + "\n\n" + corpus.text("eval")
+    return [w.view(1, -1) for w in windows]
 
 
 def _full_logits(model, pre, block: torch.Tensor, recorder: _QueryKeyRecorder) -> torch.Tensor:
@@ -61,14 +71,16 @@ def _full_logits(model, pre, block: torch.Tensor, recorder: _QueryKeyRecorder) -
         model.set_attn_implementation(previous)
 
 
-def _recall(method: TieredMethod, recorder: _QueryKeyRecorder, length: int, scaling: float) -> float:
+def _recall(method: TieredMethod, recorder: _QueryKeyRecorder, length: int, scaling: float, served: list[int]) -> float:
+    """Mean attention-mass recall of the high tier over the layers the method runs tiered (``served``: the
+    model's full-attention layers, less the config's and the encoders' dense layers)."""
     cfg = method.config
     encoders = None if cfg.selector == "oracle" else method.encoders
     dense = set(cfg.dense_layers) | set(method.encoders.dense_layers if method.encoders is not None else ())
     positions = torch.arange(length - RECALL_QUERIES, length)
     values = [
         recall_at(None if encoders is None else encoders.layers[i], q, k, positions, cfg.high, cfg.sinks, cfg.window, scaling)
-        for i, (q, k) in sorted(recorder.layers.items()) if i not in dense
+        for i, (q, k) in sorted(recorder.layers.items()) if i in served and i not in dense
     ]
     return sum(values) / len(values)
 
@@ -76,11 +88,11 @@ def _recall(method: TieredMethod, recorder: _QueryKeyRecorder, length: int, scal
 @torch.no_grad()
 def run_fidelity(model, tokenizer, spec: SuiteSpec, methods: list[Method], store: ResultStore, progress=None) -> None:
     """Every (length, document, method) of ``spec`` not yet in ``store``."""
-    scaling = model.config.head_dim ** -0.5 if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads) ** -0.5
+    scaling, served = attention_scaling(model), tiered_layers(model)
     jobs = [(length, doc) for length in spec.fidelity_lengths for doc in range(spec.fidelity_docs)]
     for length, doc in progress(jobs) if progress else jobs:
-        todo = [m for m in methods if not store.has("fidelity", length, doc, m.name, m.budget)]
+        todo = [m for m in measurable(methods, length - spec.fidelity_tail)
+                if not store.has("fidelity", length, doc, m.name, m.budget)]  # fmt: skip
         if not todo:
             continue
         ids = documents(tokenizer, length, spec.fidelity_docs)[doc]
@@ -105,5 +117,5 @@ def run_fidelity(model, tokenizer, spec: SuiteSpec, methods: list[Method], store
                       "context_tokens": pre.length, "tail": spec.fidelity_tail,
                       "seconds": time.perf_counter() - start, **method.describe(pre)}
             if isinstance(method, TieredMethod) and method.budget is not None and not method.name.startswith("abl:"):
-                record["recall"] = _recall(method, recorder, length, scaling)
+                record["recall"] = _recall(method, recorder, length, scaling, served)
             store.add(record)

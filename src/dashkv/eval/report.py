@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ORDER = ("full", "dashkv", "oracle", "simhash", "streamingllm", "snapkv", "h2o", "kivi")
+KEEP_ABOVE = 0.5  # full attention's mean score a task cell needs to count in "paired, all tasks"
 
 
 def _row_key(method: str, budget: float | None) -> tuple:
@@ -29,6 +30,10 @@ def summarize(records: list[dict]) -> dict:
     fidelity = [r for r in records if r["task"] == "fidelity"]
     full = {(r["task"], r["length"], r["sample"]): r["verdicts"] for r in retrieval if r["method"] == "full"}
     tasks = sorted({(r["task"], r["length"]) for r in retrieval})
+    full_scores = {cell: _mean([r["score"] for r in retrieval if r["method"] == "full" and (r["task"], r["length"]) == cell])
+                   for cell in tasks}  # fmt: skip
+    # a cell counts towards the pooled paired score only where full attention itself scores KEEP_ABOVE
+    dropped = [cell for cell, score in full_scores.items() if score is not None and score < KEEP_ABOVE]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in retrieval:
         groups[(r["method"], r["budget"])].append(r)
@@ -48,7 +53,8 @@ def summarize(records: list[dict]) -> dict:
                     if ref_ok:
                         total += 1
                         hit += bool(ok)
-            pooled_hit, pooled_total = pooled_hit + hit, pooled_total + total
+            if (task, length) not in dropped:
+                pooled_hit, pooled_total = pooled_hit + hit, pooled_total + total
             row["tasks"][f"{task}@{length}"] = {"score": _mean([r["score"] for r in mine]), "n": len(mine),
                                                 "paired": hit / total if total else None, "paired_n": total}
         row["paired_all"] = pooled_hit / pooled_total if pooled_total else None
@@ -69,7 +75,8 @@ def summarize(records: list[dict]) -> dict:
                 "ppl_vs_full": ppl / full_ppl[length] - 1 if length in full_ppl else None,
                 "recall": _mean(recall), "n": len(mine)}
         frows.append(row)
-    return {"tasks": [f"{t}@{n}" for t, n in tasks], "retrieval": rows, "fidelity": frows}
+    return {"tasks": [f"{t}@{n}" for t, n in tasks], "dropped_cells": [f"{t}@{n}" for t, n in dropped],
+            "retrieval": rows, "fidelity": frows}
 
 
 def _pct(value: float | None, digits: int = 0) -> str:
@@ -93,6 +100,8 @@ def markdown(summary: dict) -> str:
             cells.append("–" if t is None or t["score"] is None else f"{t['score']:.2f} ({_num(t['paired'])})")
         lines.append(f"| {row['method']} | {_pct(row['budget'])} | {_pct(row['kept_share'], 1)} | "
                      f"{_pct(row['mid_share'])} | " + " | ".join(cells) + f" | {_num(row['paired_all'])} |")
+    if summary.get("dropped_cells"):
+        lines += ["", f"Not pooled (full attention scores below {KEEP_ABOVE}): " + ", ".join(summary["dropped_cells"])]
     lengths = sorted({int(n) for row in summary["fidelity"] for n in row["lengths"]})
     if lengths:
         head = " | ".join(f"KL@{n} | ppl Δ@{n} | recall@{n}" for n in lengths)
@@ -129,11 +138,12 @@ def plots(summary: dict, output: Path) -> list[Path]:
         for method in methods:
             rows = [r for r in main if r["method"] == method]
             if rows[0]["budget"] is None:
-                ax.axhline(rows[0]["tasks"][task]["score"] or 0, linestyle="--", label=method,
+                ax.axhline(rows[0]["tasks"].get(task, {}).get("score") or 0, linestyle="--", label=method,
                            color="black" if method == "full" else "grey")
                 continue
             rows.sort(key=lambda r: r["budget"])
-            ax.plot([100 * r["budget"] for r in rows], [r["tasks"][task]["score"] for r in rows], marker="o", label=method)
+            ax.plot([100 * r["budget"] for r in rows], [r["tasks"].get(task, {}).get("score") for r in rows], marker="o",
+                    label=method)  # fmt: skip
         ax.set_title(task)
         ax.set_xlabel("budget (% of context keys)")
         ax.set_ylim(-0.05, 1.05)
@@ -153,9 +163,9 @@ def plots(summary: dict, output: Path) -> list[Path]:
             row = next((r for r in main if r["method"] == method and r["budget"] in (budget, None)), None)
             if row is None:
                 continue
-            ax.bar([t + i * width for t in range(len(tasks))], [row["tasks"][t]["score"] or 0 for t in tasks],
-                   width, label=method)
-        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [t.split("@")[0] for t in tasks], fontsize=8)
+            ax.bar([t + i * width for t in range(len(tasks))], [row["tasks"].get(t, {}).get("score") or 0 for t in tasks],
+                   width, label=method)  # fmt: skip
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7)
         ax.set_title(f"budget {100 * budget:.0f} %")
         ax.set_ylim(0, 1.05)
     axes[0][0].set_ylabel("score")

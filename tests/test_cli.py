@@ -167,3 +167,9 @@ def test_bench_generate_dense_below_is_checked_by_the_config(monkeypatch):
     _no_model_load(monkeypatch)
     result = runner.invoke(app, ["bench", "generate", "--dense-below", "-1"])
     assert result.exit_code == 2 and "--dense-below" in result.output, result.output
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_train_refuses_a_layer_check_limit_that_is_not_a_kl(value, tmp_path):
+    result = runner.invoke(app, ["train", "--max-layer-kl", value, "--output", str(tmp_path / "enc")])
+    assert result.exit_code != 0 and "--max-layer-kl" in result.output and "Traceback" not in result.output

@@ -338,6 +338,8 @@ def train(
         _option_error(error, {"min_position": "--seq-len/--long-seq-len"})
     if output.exists() and not output.is_dir():
         _user_error(f"--output {output}: is a file; give a directory for the encoders")
+    if not max_layer_kl >= 0 or max_layer_kl == float("inf"):  # NaN fails the first test
+        _user_error(f"--max-layer-kl {max_layer_kl}: must be a finite number >= 0")
     missing = [str(f) for f in corpus_files or [] if not f.is_file()]
     if missing:
         _user_error(f"--corpus: no such file {missing[0]}")
@@ -380,7 +382,6 @@ def train(
 def _check_layers(model, tokenizer, encoders, cfg, max_kl: float, output: Path) -> dict:
     """``dashkv train``'s layer check (:mod:`dashkv.training.layer_check`): the layers over ``max_kl``
     go into the encoders' ``dense_layers``, saved again."""
-    import math
     import time
 
     import torch
@@ -388,8 +389,6 @@ def _check_layers(model, tokenizer, encoders, cfg, max_kl: float, output: Path) 
 
     from dashkv.training.layer_check import copy_document, layer_check, layers_to_leave_dense
 
-    if not math.isfinite(max_kl) or max_kl < 0:
-        _user_error(f"--max-layer-kl {max_kl}: must be a finite number >= 0")
     length = cfg.long_seq_len if cfg.long_sequences else cfg.seq_len
     start = time.perf_counter()
     config = DashKVConfig(bits=cfg.bits, high=cfg.high, mid=cfg.mid, sinks=cfg.sinks, window=cfg.window,

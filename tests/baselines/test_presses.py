@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress
 from transformers import DynamicCache
 
 from dashkv.baselines import Budget
+from dashkv.baselines.method import Method
 from dashkv.baselines.presses import press_method, recorder_for
 from dashkv.eval.protocol import block_logits
 from dashkv.prefilled import prefill
@@ -49,3 +52,28 @@ def test_recorded_scores_compress_exactly_like_kvpress(tiny_qwen2, name):
 def test_unknown_press_is_named():
     with pytest.raises(ValueError, match="quest"):
         press_method("quest", Budget(0.05))
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streamingllm"])
+def test_sliding_window_layers_keep_their_keys_and_full_layers_are_pressed(name):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tiny_gemma import LAYER_TYPES, WINDOW, tiny_gemma3
+
+    model = tiny_gemma3()
+    ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(0))
+    budget = Budget(0.1, sinks=4, window=16)
+    method = press_method(name, budget)
+    pre = prefill(model, ids, recorder_for(model, method.presses) if method.presses else None)
+    cache = method.build_cache(model, pre)
+    for layer, kind in zip(cache.layers, LAYER_TYPES):  # the sliding layers hold their window, as transformers'
+        assert layer.keys.shape[-2] == (budget.kept(200) if kind == "full_attention" else WINDOW - 1)
+    # with every full layer's keys kept, the pressed cache answers exactly as full attention does
+    whole = dataclasses.replace(method, budget=1.0).build_cache(model, pre)
+    full = Method().build_cache(model, pre)
+    question = ids[:, :5]
+    assert torch.allclose(block_logits(model, whole, question, pre.length), block_logits(model, full, question, pre.length),
+                          atol=1e-5)  # fmt: skip
+    assert torch.isfinite(block_logits(model, cache, question, pre.length)).all()

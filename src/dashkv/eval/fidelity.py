@@ -51,13 +51,14 @@ def documents(tokenizer, length: int, count: int) -> list[torch.Tensor]:
     held-out text (~11K tokens on the default model's tokenizer) it repeats, so the later part of a
     long document copies its earlier part (perplexity near 1: retrieval at every position)."""
     text = corpus.text("eval")
-    windows = None
-    while windows is None:
+    while True:
         try:
             windows = token_windows(tokenizer, text, length, count)
+            if len(windows) >= count:
+                return [w.view(1, -1) for w in windows]
         except ValueError:  # shorter than one window
-            text = text + "\n\n" + corpus.text("eval")
-    return [w.view(1, -1) for w in windows]
+            pass
+        text = text + "\n\n" + corpus.text("eval")
 
 
 def _full_logits(model, pre, block: torch.Tensor, recorder: _QueryKeyRecorder) -> torch.Tensor:

@@ -19,6 +19,24 @@ class LayersCache(DynamicCache):
         Cache.__init__(self, layers=layers)
 
 
+class EvictedLayer(DynamicLayer):
+    """A cache layer holding what is left after ``evicted`` context keys were dropped: it counts them in
+    ``get_seq_length``, so the next tokens get their true cache positions whichever layer is asked, and
+    offsets its mask by them, so the keys it holds stay causal. A model with layers of different lengths
+    (pressed full-attention layers beside whole sliding-window ones) is then masked right in each; with
+    a plain ``DynamicLayer`` a block's queries would see its later tokens."""
+
+    def __init__(self, evicted: int):
+        super().__init__()
+        self.evicted = evicted
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.evicted
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return super().get_seq_length() + cache_position.shape[0], self.evicted
+
+
 def copy_layers(pairs, layer_cls=DynamicLayer, **kwargs) -> list[DynamicLayer]:
     """Fresh layers holding copies of ``(keys, values)`` pairs (``update`` concatenates into new tensors)."""
     layers = []

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from dashkv.baselines.budget import Budget
-from dashkv.baselines.method import LayersCache, Method, copy_layers, gather_keys
+from dashkv.baselines.method import EvictedLayer, LayersCache, Method, copy_layers, gather_keys
 from dashkv.models import sliding_windows
 from dashkv.prefilled import Prefill
 
@@ -134,7 +134,8 @@ class PressMethod(Method):
                 scores = streaming_scores(keys, kept, self.sinks)
             else:
                 scores = prefill.scores[self.name][i]
-            layers += copy_layers([compress(keys, values, scores, kept)])
+            pressed = compress(keys, values, scores, kept)
+            layers += copy_layers([pressed], EvictedLayer, evicted=keys.shape[2] - pressed[0].shape[2])
         return LayersCache(layers)
 
     def describe(self, prefill: Prefill) -> dict:

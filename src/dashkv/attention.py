@@ -87,15 +87,23 @@ def step_settings(
 ) -> StepSettings:  # fmt: skip
     """The numbers of one layer's step: the config's, with the encoder's learned discounts (whole bits)."""
     ds = config.spatial_discount if config.spatial_discount is not None else float(encoder.spatial_discount.detach())
-    dt = config.temporal_discount if config.temporal_discount is not None else float(encoder.temporal_discount.detach())
     voters = kv_heads if config.share == "group" else heads
     return StepSettings(
         high=float(config.high), mid=float(config.mid), bits=config.bits, share=config.share,
         min_votes=vote_threshold(voters, config.vote_fraction) if config.consensus else 0,
-        spatial_step=whole_bits(ds), temporal_step=whole_bits(dt) if config.momentum else 0,
+        spatial_step=whole_bits(ds), temporal_step=temporal_bits(config, encoder),
         momentum_ratio=config.momentum_ratio, momentum_decay=config.momentum_decay, scaling=scaling,
         want_prior=want_prior, want_weights=want_weights,
     )  # fmt: skip
+
+
+def temporal_bits(config: DashKVConfig, encoder: LayerHashEncoder) -> int:
+    """The momentum discount of a layer's step in whole bits: the config's, else the encoder's learned
+    one; 0 without momentum."""
+    if not config.momentum:
+        return 0
+    dt = config.temporal_discount if config.temporal_discount is not None else float(encoder.temporal_discount.detach())
+    return whole_bits(dt)
 
 
 def mid_weights(encoder: LayerHashEncoder) -> MidTierWeights:
@@ -218,9 +226,23 @@ class DashKVRuntime:
 
     def __post_init__(self) -> None:
         self._encoders = list(self.encoders.layers)  # indexing a ModuleList costs more than a list
+        self._prior_for: frozenset[int] | None = None
+
+    def prior_layers(self) -> frozenset[int]:
+        """Layers whose step must produce the momentum prior: those before a later tiered layer that reads
+        it (a temporal discount of at least one whole bit). Encoders whose discounts round to 0 bits
+        (Gemma-3-270M's) read no prior: no step then builds the ``[B, T, S]`` weights for one."""
+        if self._prior_for is None:
+            cfg = self.config
+            served = [i for i in range(len(self._encoders)) if i not in self.sliding]
+            readers = [i for i in served if i not in cfg.dense_layers and temporal_bits(cfg, self._encoders[i]) != 0]
+            last = max(readers) if cfg.momentum and readers else -1
+            self._prior_for = frozenset(i for i in served if i < last)
+        return self._prior_for
 
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
+        self._prior_for = None  # the discounts may have been trained since the last forward
         self._masks.clear()
         self._plans.clear()
 
@@ -234,11 +256,12 @@ class DashKVRuntime:
             return plan
         stamp = encoder.state_stamp()
         kept = encoder.__dict__.setdefault("_dashkv_plans", {})
-        key = (ops.__name__, self.config, scaling)
+        want_prior = layer_idx in self.prior_layers()
+        key = (ops.__name__, self.config, scaling, want_prior)
         held = kept.get(key)
         if held is None or held[0] != stamp:
             cfg = self.config
-            plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=cfg.momentum,
+            plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=want_prior,
                               want_weights=cfg.selector == "oracle")  # fmt: skip
             kept.pop(key, None)
             while len(kept) >= _PLANS_KEPT:  # a sweep over many configs keeps the latest few
@@ -329,9 +352,12 @@ class DashKVRuntime:
         dense_layer = layer_idx in cfg.dense_layers
         blocks = cfg.prefill == "blocks" and queries > 1  # a prefill chunk, in blocks of shared keys
         # exact SDPA unless the weights are needed: the dense prefill, short caches (where it is the
-        # faster of the two) and dense layers without momentum (a block prefill keeps no momentum)
+        # faster of the two) and dense layers whose weights no later layer reads (a block prefill keeps
+        # no momentum); a dense layer's single decode query still takes the tier kernel, which reads a
+        # GQA group's K and V rows once (transformers' SDPA copies them per query head: 3x slower at 32K)
+        unread = queries > 1 and layer_idx not in self.prior_layers()
         if ((keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below
-                or (dense_layer and (blocks or not cfg.momentum))):  # fmt: skip
+                or (dense_layer and (blocks or not cfg.momentum or unread))):  # fmt: skip
             self.stats.record_dense(layer_idx)
             if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
                 self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
@@ -343,12 +369,14 @@ class DashKVRuntime:
         if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
             self.stats.record_dense(layer_idx)
             result = dense_step(query, key, value, visible, scaling, ops)
-            self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
+            if layer_idx in self.prior_layers():
+                self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
             return result.output.transpose(1, 2)
 
         encoder = self._encoders[layer_idx]
         codes, norms, coded, layer = self._codes(layer_idx, key, encoder)
         plan = None if cfg.selector == "oracle" else self._plan(layer_idx, encoder, ops, heads, key.shape[1], scaling)
+        want_prior = layer_idx in self.prior_layers()
         outputs, priors = [], []
         whole = queries <= cfg.chunk_size  # one block (decode): the forward's own mask tensors, whose
         # kernel rows the backend keeps for the next layers (a slice would be a new tensor each layer)
@@ -360,7 +388,7 @@ class DashKVRuntime:
             result = tiered_step(
                 query if whole else query[:, :, rows], key, value, codes, norms, encoder, cfg,
                 visible if whole else visible[:, :, rows], scaling, prior, ops,
-                always=always if whole else always[:, :, rows], want_prior=cfg.momentum,
+                always=always if whole else always[:, :, rows], want_prior=want_prior,
                 want_weights=cfg.selector == "oracle", plan=plan, coded=coded,
             )  # fmt: skip
             if layer is not None and plan is not None:  # the step wrote the codes of the new keys
@@ -371,10 +399,9 @@ class DashKVRuntime:
             else:
                 self.stats.record(layer_idx, result.tiers)
             outputs.append(result.output)
-            if cfg.momentum:
+            if want_prior:
                 priors.append(result.prior if result.prior is not None else update_prior(prior, result.probs, cfg.momentum_decay))
-        if cfg.momentum:
-            self.prior = priors[0] if len(priors) == 1 else torch.cat(priors, dim=1)
+        self.prior = (priors[0] if len(priors) == 1 else torch.cat(priors, dim=1)) if want_prior else None
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return output.transpose(1, 2)
 

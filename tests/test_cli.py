@@ -146,6 +146,10 @@ def test_train_writes_encoders_and_held_out_metrics(tmp_path, device, word_level
     assert all(row["kl"] >= 0 for key, row in check["layers"].items() if key != "full")
     over = [int(k) for k, row in check["layers"].items() if k != "full" and row["kl"] > check["max_kl"]]
     assert list(loaded.dense_layers) == check["dense_layers"] == over
+    # measured at 0.4x and 1.6x the high share too; the scales chosen are saved, in pairs that keep the mean
+    assert all(set(row["kl_at"]) == {"0.4", "1.6"} for key, row in check["layers"].items() if key != "full")
+    assert {str(k): v for k, v in loaded.budget_scales.items()} == check["budget_scales"]
+    assert sum(loaded.budget_scales.values()) == pytest.approx(len(loaded.budget_scales))
 
 
 @pytest.mark.parametrize("name", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))

@@ -89,3 +89,26 @@ def test_dense_layers_of_the_encoders_are_saved_checked_and_read(tiny_qwen2, tmp
     del config["dense_layers"]  # files written before the field existed: no dense layers
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert HashEncoders.from_pretrained(tmp_path).dense_layers == ()
+
+
+def test_budget_scales_of_the_encoders_are_saved_checked_and_read(tiny_qwen2, tmp_path):
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    assert enc.budget_scales == {} and enc.budget_scale(1) == 1.0
+    enc.budget_scales = {2: 0.4, 1: 1.6}
+    assert enc.budget_scales == {1: 1.6, 2: 0.4} and enc.budget_scale(2) == 0.4 and enc.budget_scale(0) == 1.0
+    enc.save_pretrained(tmp_path)
+    assert HashEncoders.from_pretrained(tmp_path).budget_scales == {1: 1.6, 2: 0.4}
+    for bad in ({3: 1.0}, {-1: 1.0}, {1: 0.0}, {1: -2.0}, {1: float("inf")}, {1: float("nan")}, {True: 1.0},
+                {1: True}, {"1": 1.0}, [(1, 1.0)]):  # fmt: skip
+        with pytest.raises(ValueError, match="budget_scales=.*layer indices in 0..2 to positive finite numbers"):
+            enc.budget_scales = bad
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["budget_scales"] == {"1": 1.6, "2": 0.4}
+    for bad in ({"7": 1.0}, {"1": 0}, {"x": 1.0}, [1.0]):
+        config["budget_scales"] = bad
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="config.json: budget_scales=.* is not allowed"):
+            HashEncoders.from_pretrained(tmp_path)
+    del config["budget_scales"]  # files written before the field existed: every layer at the config's share
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert HashEncoders.from_pretrained(tmp_path).budget_scales == {}

@@ -10,7 +10,7 @@ prefill of an empty cache and for modules DASH-KV is not attached to.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import torch
@@ -227,6 +227,18 @@ class DashKVRuntime:
     def __post_init__(self) -> None:
         self._encoders = list(self.encoders.layers)  # indexing a ModuleList costs more than a list
         self._prior_for: frozenset[int] | None = None
+        self._layer_configs: dict[int, DashKVConfig] = {}
+
+    def layer_config(self, layer_idx: int) -> DashKVConfig:
+        """The config a tiered layer runs: ``high`` times the encoders' budget scale of the layer (at most
+        ``1 - mid``; a config with every key high stays so), everything else as given."""
+        held = self._layer_configs.get(layer_idx)
+        if held is None:
+            cfg, scale = self.config, self.encoders.budget_scale(layer_idx)
+            keep = scale == 1.0 or cfg.high >= 1.0
+            held = cfg if keep else replace(cfg, high=min(1.0 - cfg.mid, cfg.high * scale))
+            self._layer_configs[layer_idx] = held
+        return held
 
     def prior_layers(self) -> frozenset[int]:
         """Layers whose step must produce the momentum prior: those before a later tiered layer that reads
@@ -243,6 +255,7 @@ class DashKVRuntime:
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
         self._prior_for = None  # the discounts may have been trained since the last forward
+        self._layer_configs.clear()
         self._masks.clear()
         self._plans.clear()
 
@@ -257,10 +270,10 @@ class DashKVRuntime:
         stamp = encoder.state_stamp()
         kept = encoder.__dict__.setdefault("_dashkv_plans", {})
         want_prior = layer_idx in self.prior_layers()
-        key = (ops.__name__, self.config, scaling, want_prior)
+        cfg = self.layer_config(layer_idx)
+        key = (ops.__name__, cfg, scaling, want_prior)
         held = kept.get(key)
         if held is None or held[0] != stamp:
-            cfg = self.config
             plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=want_prior,
                               want_weights=cfg.selector == "oracle")  # fmt: skip
             kept.pop(key, None)
@@ -317,7 +330,7 @@ class DashKVRuntime:
                        visible: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
         """A prefill chunk through :func:`dashkv.block_prefill.block_prefill_attention`; the momentum prior
         is not kept (the next decode step starts its own)."""
-        cfg = self.config
+        cfg = self.layer_config(layer_idx)
         encoder = self._encoders[layer_idx]
         layer = self._cache_layer(layer_idx, key)
         codes = layer.codes if layer is not None else encoder.encode_key(key)[0]  # every key coded
@@ -374,6 +387,7 @@ class DashKVRuntime:
             return result.output.transpose(1, 2)
 
         encoder = self._encoders[layer_idx]
+        cfg = self.layer_config(layer_idx)
         codes, norms, coded, layer = self._codes(layer_idx, key, encoder)
         plan = None if cfg.selector == "oracle" else self._plan(layer_idx, encoder, ops, heads, key.shape[1], scaling)
         want_prior = layer_idx in self.prior_layers()

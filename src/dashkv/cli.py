@@ -312,6 +312,9 @@ def train(
         True, help="Run each layer alone through the tiers over a copied span at the longest training length; "
                    "layers whose next-token KL exceeds --max-layer-kl are left to full attention."),
     max_layer_kl: float = typer.Option(0.1, help="The layer check's limit (KL against full attention, nats)."),
+    share_budget: bool = typer.Option(
+        True, help="The layer check also measures each layer at a smaller and a larger high share and moves "
+                   "high-tier keys from layers that lose nothing to layers that gain (the mean share unchanged)."),
     device: str = typer.Option(
         "auto", help="Where the teacher runs and the encoders train: auto (cuda when there), cpu, cuda, cuda:N."
     ),
@@ -371,7 +374,7 @@ def train(
     metrics = {"train_seconds": seconds, "teacher_bf16": bf16,
                "config": cfg.__dict__ | {"dense_layers": list(cfg.dense_layers)}}
     if layer_check:
-        metrics["layer_check"] = _check_layers(lm, tok, encoders, cfg, max_layer_kl, output)
+        metrics["layer_check"] = _check_layers(lm, tok, encoders, cfg, max_layer_kl, output, share_budget)
     if report:
         from dashkv.training.quality_cli import held_out_report
 
@@ -379,29 +382,41 @@ def train(
     (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-def _check_layers(model, tokenizer, encoders, cfg, max_kl: float, output: Path) -> dict:
+def _check_layers(model, tokenizer, encoders, cfg, max_kl: float, output: Path, share_budget: bool = True) -> dict:
     """``dashkv train``'s layer check (:mod:`dashkv.training.layer_check`): the layers over ``max_kl``
-    go into the encoders' ``dense_layers``, saved again."""
+    go into the encoders' ``dense_layers`` and, with ``share_budget``, the high tier is shared between
+    the others (``budget_scales``); the encoders are saved again."""
     import time
 
     import torch
     from tqdm import tqdm
 
-    from dashkv.training.layer_check import copy_document, layer_check, layers_to_leave_dense
+    from dashkv.training.layer_check import (
+        BUDGET_STEP,
+        allocate_budget,
+        copy_document,
+        layer_check,
+        layers_to_leave_dense,
+    )
 
     length = cfg.long_seq_len if cfg.long_sequences else cfg.seq_len
     start = time.perf_counter()
     config = DashKVConfig(bits=cfg.bits, high=cfg.high, mid=cfg.mid, sinks=cfg.sinks, window=cfg.window,
                           dense_layers=cfg.dense_layers, dense_below=0)  # fmt: skip
-    check = layer_check(model, encoders, config, copy_document(tokenizer, length),
+    scales = (1 - BUDGET_STEP, 1 + BUDGET_STEP) if share_budget else ()
+    check = layer_check(model, encoders, config, copy_document(tokenizer, length), scales=scales,
                         progress=lambda xs: tqdm(xs, desc=f"layer check, {length} tokens"))
     encoders.dense_layers = layers_to_leave_dense(check, max_kl)
+    encoders.budget_scales = allocate_budget(check, encoders.dense_layers) if share_budget else {}
     encoders.save_pretrained(output, dtype=getattr(torch, cfg.weights_dtype))
     typer.echo(f"layer check at {length} tokens (copied tail perplexity {check['full']['perplexity']:.3f} with full "
                "attention): " + ", ".join(f"{k} KL {v['kl']:.4f}" for k, v in check.items() if k != "full")
-               + f"; left to full attention: {list(encoders.dense_layers) or 'none'}")  # fmt: skip
-    return {"length": length, "max_kl": max_kl, "seconds": time.perf_counter() - start,
-            "layers": {str(k): v for k, v in check.items()}, "dense_layers": list(encoders.dense_layers)}
+               + f"; left to full attention: {list(encoders.dense_layers) or 'none'}"
+               + f"; high-tier scales: {encoders.budget_scales or 'none'}")  # fmt: skip
+    layers = {str(k): v | {"kl_at": {str(s): kl for s, kl in v.get("kl_at", {}).items()}} for k, v in check.items()}
+    return {"length": length, "max_kl": max_kl, "seconds": time.perf_counter() - start, "layers": layers,
+            "dense_layers": list(encoders.dense_layers),
+            "budget_scales": {str(k): v for k, v in encoders.budget_scales.items()}}  # fmt: skip
 
 
 from dashkv.eval.command import eval_command  # noqa: E402  (imports nothing heavy at module level)

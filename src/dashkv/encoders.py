@@ -14,6 +14,8 @@ Each layer also owns the learnable parameters of the mid tier (temperature, bias
 weights) and the calibration discounts, so one artifact carries everything training produced.
 Encoders may name layers they leave to full attention (``dense_layers``): layers whose codes were
 measured to miss what the layer needs. ``enable`` and :class:`~dashkv.cache.DashKVCache` keep them exact.
+They may also share the high tier unevenly between layers (``budget_scales``, mean 1 over the tiered
+layers): a layer whose codes need more keys takes them from one that loses nothing with fewer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -159,10 +162,13 @@ class HashEncoders(nn.Module):
     dense_layers : sequence of int
         Layers these encoders leave to full attention, whatever ``DashKVConfig.dense_layers`` says (the
         two are joined): layers where their codes were measured to miss the keys the layer needs.
+    budget_scales : mapping of int to float
+        Multipliers of ``DashKVConfig.high`` per layer (absent layers: 1), e.g. ``{5: 1.6, 17: 0.4}``:
+        how the layer check of ``dashkv train`` shares the high tier between layers.
     """
 
     def __init__(self, shape: dict, bits: int = DEFAULT_BITS, hidden: int = 256, fingerprint: str | None = None,
-                 dense_layers: Sequence[int] = ()):  # fmt: skip
+                 dense_layers: Sequence[int] = (), budget_scales: Mapping[int, float] | None = None):  # fmt: skip
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported; bits must be one of {SUPPORTED_BITS}")
@@ -173,6 +179,7 @@ class HashEncoders(nn.Module):
             for _ in range(shape["num_layers"])
         )
         self.dense_layers = dense_layers
+        self.budget_scales = budget_scales or {}
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -188,6 +195,27 @@ class HashEncoders(nn.Module):
             raise ValueError(f"dense_layers={layers!r} is not allowed; dense_layers must be a sequence of layer "
                              f"indices in 0..{count - 1}, e.g. (11,) or ()")  # fmt: skip
         self._dense_layers = tuple(sorted({int(i) for i in layers}))
+
+    @property
+    def budget_scales(self) -> dict[int, float]:
+        """Multipliers of ``DashKVConfig.high`` per layer (layers not named: 1)."""
+        return dict(self._budget_scales)
+
+    @budget_scales.setter
+    def budget_scales(self, scales: Mapping[int, float]) -> None:
+        count = self.shape["num_layers"]
+        if not isinstance(scales, Mapping) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count
+            or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+            for i, v in scales.items()
+        ):  # fmt: skip
+            raise ValueError(f"budget_scales={scales!r} is not allowed; budget_scales must map layer indices in "
+                             f"0..{count - 1} to positive finite numbers, e.g. {{5: 1.6, 17: 0.4}} or {{}}")  # fmt: skip
+        self._budget_scales = {int(i): float(v) for i, v in sorted(scales.items())}
+
+    def budget_scale(self, layer: int) -> float:
+        """The multiplier of ``DashKVConfig.high`` for ``layer`` (1 unless :attr:`budget_scales` names it)."""
+        return self._budget_scales.get(layer, 1.0)
 
     @classmethod
     def random(cls, model: nn.Module, bits: int = DEFAULT_BITS, seed: int = 0, hidden: int = 256) -> "HashEncoders":
@@ -252,6 +280,7 @@ class HashEncoders(nn.Module):
             "model": self.shape,
             "fingerprint": self.fingerprint,
             "dense_layers": list(self.dense_layers),
+            "budget_scales": {str(i): v for i, v in self.budget_scales.items()},
             DIGEST_FIELD: weights_digest(tensors),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -273,7 +302,8 @@ class HashEncoders(nn.Module):
         config, tensors = _read_checked(Path(directory))
         model = config["model"]
         encoders = cls(model, bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"],
-                       dense_layers=config.get("dense_layers", []))  # fmt: skip
+                       dense_layers=config.get("dense_layers", []),
+                       budget_scales={int(i): v for i, v in config.get("budget_scales", {}).items()})  # fmt: skip
         encoders.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         return encoders.eval()
 
@@ -367,6 +397,14 @@ def _check_config(config: object, path: Path) -> None:
         isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < model["num_layers"] for i in dense
     ):  # fmt: skip
         bad("dense_layers", dense, f"a list of layer indices in 0..{model['num_layers'] - 1}")
+    scales = config.get("budget_scales", {})  # absent in files written before it existed
+    if not isinstance(scales, dict) or any(
+        not i.isdigit() or not int(i) < model["num_layers"]
+        or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+        for i, v in scales.items()
+    ):  # fmt: skip
+        bad("budget_scales", scales, f"an object from layer indices in 0..{model['num_layers'] - 1} (as strings) "
+                                     "to positive finite numbers")  # fmt: skip
     digest = config.get(DIGEST_FIELD)
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64
                                    and all(c in "0123456789abcdef" for c in digest)):  # fmt: skip

@@ -109,3 +109,18 @@ def test_symmetric_encoders_hash_queries_with_the_key_map(tiny_qwen2):
     assert torch.equal(layer.encode_query(queries)[:, ::3], layer.encode_key(x)[0])  # key_center is 0 here
     assert not torch.equal(original.encode_query(queries)[:, ::3], original.encode_key(x)[0])
     assert torch.equal(layer.key_proj, original.key_proj)  # the key side is untouched
+
+
+def test_the_oracle_keeps_one_share_in_every_layer_and_the_dashkv_cache(tiny_qwen2):
+    """Encoders that share the high tier unevenly (``budget_scales``) change DASH-KV's rows, not the
+    oracle's: its ceiling is the budget in every layer. It still reads the DASH-KV row's hashed cache."""
+    from dashkv.prefilled import prefill
+
+    enc = dashkv.HashEncoders.random(tiny_qwen2, bits=64, seed=0)
+    enc.budget_scales = {1: 1.6, 2: 0.4}
+    rows = build_methods(tiny_qwen2, enc, ("dashkv", "oracle"), (0.05,))
+    dash, oracle = (next(r for r in rows if r.name == name) for name in ("dashkv", "oracle"))
+    assert dash.encoders.budget_scales == {1: 1.6, 2: 0.4} and oracle.encoders.budget_scales == {}
+    assert enc.budget_scales == {1: 1.6, 2: 0.4}  # the caller's encoders are left as they were
+    context = prefill(tiny_qwen2, torch.randint(1, 97, (1, 80), generator=torch.Generator().manual_seed(0)))
+    assert oracle.build_cache(tiny_qwen2, context) is dash.build_cache(tiny_qwen2, context)

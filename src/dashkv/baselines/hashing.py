@@ -9,6 +9,7 @@ times the budget, reported beside it).
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
@@ -38,8 +39,9 @@ class TieredMethod(Method):
                 layer.update(keys, values)
             return cache
 
-        # key codes depend only on the encoders: one hashed cache per encoders serves every budget
-        return prefill.reuse(("tiered", id(self.encoders), self.config.dense_layers), build)
+        # key codes depend only on the encoders' layers: one hashed cache per set of layers serves every
+        # budget (and the oracle's copy of the DASH-KV encoders)
+        return prefill.reuse(("tiered", id(self.encoders.layers), self.config.dense_layers), build)
 
     def context(self, model) -> AbstractContextManager:
         return dashkv.enable(model, self.encoders, self.config)
@@ -77,8 +79,11 @@ def simhash_method(encoders: HashEncoders, budget: Budget) -> TieredMethod:
 
 def oracle_method(encoders: HashEncoders, budget: Budget) -> TieredMethod:
     """Oracle top-k: the keys of largest exact ``q.k`` (the encoders are not used for selection; any
-    fill the slot, and sharing the DASH-KV ones saves encoding a cache)."""
-    return tiered("oracle", encoders, budget, selector="oracle")
+    fill the slot, and sharing the DASH-KV ones saves encoding a cache), the same share in every layer
+    (the ceiling at the budget, whatever ``budget_scales`` the DASH-KV encoders carry)."""
+    even = copy.copy(encoders)  # the same modules: the prefill's hashed cache is shared all the same
+    even.budget_scales = {}
+    return tiered("oracle", even, budget, selector="oracle")
 
 
 def symmetric(encoders: HashEncoders) -> HashEncoders:
@@ -86,7 +91,7 @@ def symmetric(encoders: HashEncoders) -> HashEncoders:
     difference): the "symmetric encoders" row of the ablation. For random-projection encoders this is
     the identity (SimHash is symmetric by construction)."""
     sym = HashEncoders(encoders.shape, bits=encoders.bits, hidden=encoders.hidden, fingerprint=encoders.fingerprint,
-                       dense_layers=encoders.dense_layers)  # fmt: skip
+                       dense_layers=encoders.dense_layers, budget_scales=encoders.budget_scales)  # fmt: skip
     sym.load_state_dict(encoders.state_dict())
     groups = encoders.shape["num_heads"] // encoders.shape["num_kv_heads"]
     with torch.no_grad():

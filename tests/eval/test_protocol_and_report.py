@@ -87,6 +87,20 @@ def test_cells_full_attention_fails_are_shown_but_not_pooled():
     assert "Not pooled (full attention scores below 0.5): passkey@16384" in report.markdown(summary)
 
 
+def test_perplexity_change_is_paired_by_document():
+    def fid(method, budget, doc, ppl):
+        return {"task": "fidelity", "length": 8192, "sample": doc, "method": method, "budget": budget, "kl": 0.0,
+                "ppl": ppl}  # fmt: skip
+
+    # two documents whose perplexities differ twofold: each method's change is against full on that document
+    records = [fid("full", None, 0, 10.0), fid("full", None, 1, 20.0), fid("dashkv", 0.05, 0, 11.0),
+               fid("dashkv", 0.05, 1, 20.0)]  # fmt: skip
+    rows = {r["method"]: r["lengths"]["8192"] for r in report.summarize(records)["fidelity"]}
+    assert rows["full"]["ppl_vs_full"] == 0.0
+    assert rows["dashkv"]["ppl_vs_full"] == pytest.approx(0.05)  # +10 % and +0 %
+    assert rows["dashkv"]["ppl"] == pytest.approx(15.5)
+
+
 def test_store_resumes_and_skips_a_torn_line(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
     store.add(_record("passkey", 0, "full", None, [True]))

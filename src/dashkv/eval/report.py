@@ -62,18 +62,18 @@ def summarize(records: list[dict]) -> dict:
     fgroups: dict[tuple, list[dict]] = defaultdict(list)
     for r in fidelity:
         fgroups[(r["method"], r["budget"])].append(r)
-    full_ppl = {r["length"]: r["ppl"] for r in fidelity if r["method"] == "full"}
+    # perplexity change paired by document: each document's against full attention's on it
+    full_ppl = {(r["length"], r["sample"]): r["ppl"] for r in fidelity if r["method"] == "full"}
     frows = []
     for (method, budget), items in sorted(fgroups.items(), key=lambda kv: _row_key(*kv[0])):
         row = {"method": method, "budget": budget, "lengths": {}}
         for length in sorted({r["length"] for r in items}):
             mine = [r for r in items if r["length"] == length]
-            ppl = _mean([r["ppl"] for r in mine])
             recall = [r["recall"] for r in mine if "recall" in r]
+            paired = [r["ppl"] / full_ppl[length, r["sample"]] - 1 for r in mine if (length, r["sample"]) in full_ppl]
             row["lengths"][str(length)] = {
-                "kl": _mean([r["kl"] for r in mine]), "ppl": ppl,
-                "ppl_vs_full": ppl / full_ppl[length] - 1 if length in full_ppl else None,
-                "recall": _mean(recall), "n": len(mine)}
+                "kl": _mean([r["kl"] for r in mine]), "ppl": _mean([r["ppl"] for r in mine]),
+                "ppl_vs_full": _mean(paired), "recall": _mean(recall), "n": len(mine)}
         frows.append(row)
     return {"tasks": [f"{t}@{n}" for t, n in tasks], "dropped_cells": [f"{t}@{n}" for t, n in dropped],
             "retrieval": rows, "fidelity": frows}

@@ -227,17 +227,18 @@ class DashKVRuntime:
     def __post_init__(self) -> None:
         self._encoders = list(self.encoders.layers)  # indexing a ModuleList costs more than a list
         self._prior_for: frozenset[int] | None = None
-        self._layer_configs: dict[int, DashKVConfig] = {}
+        self._layer_configs: dict[tuple[int, float], DashKVConfig] = {}  # (layer, scale) -> its config
 
     def layer_config(self, layer_idx: int) -> DashKVConfig:
         """The config a tiered layer runs: ``high`` times the encoders' budget scale of the layer (at most
         ``1 - mid``; a config with every key high stays so), everything else as given."""
-        held = self._layer_configs.get(layer_idx)
+        scale = self.encoders.budget_scale(layer_idx)
+        held = self._layer_configs.get((layer_idx, scale))
         if held is None:
-            cfg, scale = self.config, self.encoders.budget_scale(layer_idx)
+            cfg = self.config
             keep = scale == 1.0 or cfg.high >= 1.0
             held = cfg if keep else replace(cfg, high=min(1.0 - cfg.mid, cfg.high * scale))
-            self._layer_configs[layer_idx] = held
+            self._layer_configs[layer_idx, scale] = held
         return held
 
     def prior_layers(self) -> frozenset[int]:
@@ -254,8 +255,6 @@ class DashKVRuntime:
 
     def begin_forward(self, cache: object | None) -> None:
         self.cache, self.prior = cache, None
-        self._prior_for = None  # the discounts may have been trained since the last forward
-        self._layer_configs.clear()
         self._masks.clear()
         self._plans.clear()
 
@@ -274,6 +273,8 @@ class DashKVRuntime:
         key = (ops.__name__, cfg, scaling, want_prior)
         held = kept.get(key)
         if held is None or held[0] != stamp:
+            if held is not None:  # the encoder was trained since: its discounts may read a prior now
+                self._prior_for = None
             plan = layer_plan(ops, encoder, cfg, heads, kv_heads, scaling, want_prior=want_prior,
                               want_weights=cfg.selector == "oracle")  # fmt: skip
             kept.pop(key, None)

@@ -199,12 +199,13 @@ def oracle_step(
 
 
 def dense_step(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float, ops: ModuleType
-) -> StepResult:
-    """Full attention through the same kernel (every visible key high), keeping the weights for momentum."""
-    tiers = torch.where(visible, HIGH, HIDDEN).to(torch.int8).expand(-1, query.shape[1], -1, -1)
-    output, probs = ops.tiered_attention(query, key, value, tiers, scaling, None)
-    return StepResult(output, probs, tiers)
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float,
+    ops: ModuleType, want_probs: bool,
+) -> StepResult:  # fmt: skip
+    """Full attention of a dense layer through the backend, with the weights where the momentum prior
+    needs them (``want_probs``); no tiers."""
+    output, probs = ops.dense_attention(query, key, value, visible, scaling, want_probs)
+    return StepResult(output, probs, None)
 
 
 @dataclass
@@ -367,7 +368,7 @@ class DashKVRuntime:
         blocks = cfg.prefill == "blocks" and queries > 1  # a prefill chunk, in blocks of shared keys
         # exact SDPA unless the weights are needed: the dense prefill, short caches (where it is the
         # faster of the two) and dense layers whose weights no later layer reads (a block prefill keeps
-        # no momentum); a dense layer's single decode query still takes the tier kernel, which reads a
+        # no momentum); a dense layer's single decode query takes the dense kernel, which reads a
         # GQA group's K and V rows once (transformers' SDPA copies them per query head: 3x slower at 32K)
         unread = queries > 1 and layer_idx not in self.prior_layers()
         if ((keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below
@@ -380,10 +381,11 @@ class DashKVRuntime:
         if blocks:
             return self._block_prefill(layer_idx, query, key, value, visible, scaling)
         ops = self._backend(query.device)
-        if dense_layer:  # full attention through the tier kernel, keeping its weights for the momentum prior
+        if dense_layer:  # full attention, keeping its weights where the momentum prior reads them
             self.stats.record_dense(layer_idx)
-            result = dense_step(query, key, value, visible, scaling, ops)
-            if layer_idx in self.prior_layers():
+            want_prior = layer_idx in self.prior_layers()
+            result = dense_step(query, key, value, visible, scaling, ops, want_prior)
+            if want_prior:
                 self.prior = update_prior(self.prior, result.probs, cfg.momentum_decay)
             return result.output.transpose(1, 2)
 

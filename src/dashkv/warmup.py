@@ -36,6 +36,9 @@ DECODE_KERNELS = (
     "attend.attn_tiers_kernel",
     "attend.merge_kernel",
     "attend.scale_probs",
+    "dense.dense_kernel",  # the step of a layer left to full attention (``dense_layers``)
+    "dense.dense_merge",
+    "dense.dense_scale_probs",
     "tables.byte_tables",
     "select.block_distance_kernel",
     "encode.key_codes_kernel",  # a block prefill codes a chunk's few new keys from Python

@@ -324,3 +324,23 @@ def test_dispatch_picks_cpu_backend():
         assert callable(getattr(cpu, name))
     assert cpu.MidTierInputs is ref.MidTierInputs and cpu.budget_counts is ref.budget_counts
     assert (cpu.HIGH, cpu.MID, cpu.LOW, cpu.HIDDEN) == (ref.HIGH, ref.MID, ref.LOW, ref.HIDDEN)
+
+
+def test_every_backend_keeps_the_contract():
+    """Each backend module has every function of the ``Backend`` protocol, with the reference's
+    parameter names (attention.py calls them by position and keyword without asking which it got)."""
+    import inspect
+
+    from dashkv.ops.dispatch import Backend, triton_interpreting
+
+    names = [n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")]
+    assert "dense_attention" in names and "tiered_attention" in names
+    modules = [ref, cpu]
+    if triton_interpreting():
+        modules.append(pytest.importorskip("dashkv.ops.triton"))
+    for module in modules:
+        for name in names:
+            fn = getattr(module, name, None)
+            assert callable(fn), f"{module.__name__} lacks {name}"
+            expected = list(inspect.signature(getattr(Backend, name)).parameters)[1:]  # without self
+            assert list(inspect.signature(fn).parameters) == expected, f"{module.__name__}.{name}"

@@ -35,8 +35,9 @@ METHODS = {
     "dashkv_step": "DASH-KV method step, tiers per query head (encode + calibration + fused)",
     "dashkv_step_group": "DASH-KV method step, tiers per GQA group",
     "dashkv_floor": "reads alone (codes, K of high, V of high + mid): the memory floor",
+    "dashkv_dense": "full attention, dashkv's dense kernel (K and V read once per GQA group)",
 }
-SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
+SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128), "gemma-3-270m": (4, 1, 256)}
 SIZES = (1024, 4096, 16384, 32768, 65536, 131072)
 
 
@@ -154,7 +155,8 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
 
     fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only,
            "dashkv_step": method(replace(config, share="head")),
-           "dashkv_step_group": method(replace(config, share="group")), "dashkv_floor": row_reads}
+           "dashkv_step_group": method(replace(config, share="group")), "dashkv_floor": row_reads,
+           "dashkv_dense": lambda: cpu.dense_attention(query, key, value, visible, scaling)}
     timings = _time(fns, repeats, warmup)
     scan = _time({"scan": cpu.code_scan_plan(query_codes, codes)}, repeats, warmup)["scan"]
     encode_query = _time({"q": lambda: encoder.encode_query(query)}, repeats, warmup)["q"]
@@ -279,19 +281,21 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     """Markdown table of the cases: medians in ms and speed-ups over SDPA in the same run."""
     lines = ["| shape | S | SDPA ms | fused ms | fused × | high-only ms | high-only × | step ms | step × | "
-             "group step ms | group step × | floor ms | floor × | scan GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "group step ms | group step × | floor ms | floor × | dense kernel ms | dense kernel × | scan GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         lines.append(
             f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
             f"{c['speedup_fused']:.1f} | {c['dashkv_high']['median']:.2f} | {c['speedup_high']:.1f} | "
             f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | "
             f"{c['dashkv_step_group']['median']:.2f} | {c['speedup_step_group']:.1f} | {c['dashkv_floor']['median']:.2f} | "
-            f"{c['speedup_floor']:.1f} | {c['code_scan_gbps']:.1f} |"
+            f"{c['speedup_floor']:.1f} | {c['dashkv_dense']['median']:.2f} | {c['speedup_dense']:.1f} | "
+            f"{c['code_scan_gbps']:.1f} |"
         )
     bw = results["machine"]["read_bandwidth_gbps"]
     lines.append("\nfloor: reading the key codes and the K/V rows of the fused kernel's tiers, and nothing else; "
-                 "floor × is the most these tiers can give over SDPA on this machine")
+                 "floor × is the most these tiers can give over SDPA on this machine; dense kernel: full attention "
+                 "reading K and V once per GQA group (what a layer in dense_layers runs), the step's fair rival")
     lines.append(f"read bandwidth measured in the same run: {bw:.1f} GB/s")
     for shape, by_method in results.get("slopes_16k_128k", {}).items():
         text = ", ".join(f"{name} {slope:.2f}" for name, slope in by_method.items())

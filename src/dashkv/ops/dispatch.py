@@ -48,6 +48,11 @@ class Backend(Protocol):
         mid: MidTierInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...  # fmt: skip
 
+    def dense_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float,
+        want_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # fmt: skip
+
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
 

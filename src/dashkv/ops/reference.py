@@ -301,6 +301,35 @@ def tiered_attention(
     return (probs @ v).to(query.dtype), probs
 
 
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    want_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Full attention over the visible keys: :func:`tiered_attention` with every visible key high (a
+    layer left to full attention; its weights feed the momentum prior where a later layer reads it).
+
+    Parameters
+    ----------
+    query : Tensor[B, H, T, D]
+    key, value : Tensor[B, Hkv, S, D]
+    visible : Tensor[B, 1 or H, T, S], bool
+    scaling : float
+    want_probs : bool -- return the weights too
+
+    Returns
+    -------
+    output : Tensor[B, H, T, D], query's dtype
+    probs : Tensor[B, H, T, S], float32, or None unless ``want_probs``
+    """
+    tiers = torch.where(visible, HIGH, HIDDEN).to(torch.int8).expand(-1, query.shape[1], -1, -1)
+    output, probs = tiered_attention(query, key, value, tiers, scaling)
+    return output, probs if want_probs else None
+
+
 def select_largest(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Exactly ``min(k, n)`` eligible keys of largest score per row (the oracle selector's top-k).
 

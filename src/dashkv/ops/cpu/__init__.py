@@ -19,6 +19,7 @@ Modules, one concept each:
 - :mod:`~dashkv.ops.cpu.jit`: intrinsics, 16-bit loads, ``exp``;
 - :mod:`~dashkv.ops.cpu.select`: Hamming rows, histograms, exact sort-free selection and tiers;
 - :mod:`~dashkv.ops.cpu.attend`: split-softmax attention over given tiers and its merge;
+- :mod:`~dashkv.ops.cpu.dense`: full attention over every visible key, K and V read once per GQA group;
 - :mod:`~dashkv.ops.cpu.encode`: codes of a few new queries or keys;
 - :mod:`~dashkv.ops.cpu.tables`: the mid tier's lookup tables;
 - :mod:`~dashkv.ops.cpu.fused`: the passes of the fused decode step (:func:`dash_attention`);
@@ -47,6 +48,7 @@ from dashkv.ops.cpu.api import (
     select_smallest,
     tiered_attention,
 )
+from dashkv.ops.cpu.dense import dense_attention
 from dashkv.ops.cpu.encode import encode_key, encode_query
 from dashkv.ops.cpu.layer import dash_attention, decode_step, layer_step, plan_layer
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
@@ -63,6 +65,7 @@ __all__ = [
     "budget_counts",
     "code_scan_plan",
     "dash_attention",
+    "dense_attention",
     "decode_step",
     "encode_key",
     "encode_query",

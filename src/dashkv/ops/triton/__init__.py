@@ -24,6 +24,8 @@ is set before this package is imported (the tests do so).
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
 # the block prefill's score: torch ops, run on the GPU as written (a per-block distance, no kernel yet)
 from dashkv.ops.reference import block_distance
+# a dense layer's step: matmuls and a softmax, which torch runs well on the GPU (no kernel of ours)
+from dashkv.ops.reference import dense_attention
 from dashkv.ops.triton.api import (
     assign_tiers,
     decode_step,
@@ -47,6 +49,7 @@ __all__ = [
     "block_distance",
     "budget_counts",
     "decode_step",
+    "dense_attention",
     "encode_key",
     "encode_query",
     "expand_kv",

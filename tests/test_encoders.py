@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dashkv import HashEncoders
+from dashkv import DashKVConfig, HashEncoders
 
 
 def test_save_load_round_trip_gives_identical_codes(tiny_qwen2, tmp_path):
@@ -112,3 +112,29 @@ def test_budget_scales_of_the_encoders_are_saved_checked_and_read(tiny_qwen2, tm
     del config["budget_scales"]  # files written before the field existed: every layer at the config's share
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert HashEncoders.from_pretrained(tmp_path).budget_scales == {}
+
+
+def test_the_encoders_sharing_is_saved_checked_and_fills_an_open_config(tiny_qwen2, tmp_path):
+    """``HashEncoders.share`` is what ``enable`` runs where ``DashKVConfig.share`` is None (the default);
+    a config that names a sharing keeps it."""
+    from dashkv.apply import _resolve
+
+    enc = HashEncoders.random(tiny_qwen2, bits=64, seed=3)
+    assert enc.share == "head"
+    enc.share = "union"
+    enc.save_pretrained(tmp_path)
+    assert HashEncoders.from_pretrained(tmp_path).share == "union"
+    for bad in ("heads", None, 1):
+        with pytest.raises(ValueError, match="share=.* is not allowed; share must be one of"):
+            enc.share = bad
+    assert _resolve(tiny_qwen2, enc, None)[1].share == "union"
+    assert _resolve(tiny_qwen2, enc, {"high": 0.1})[1].share == "union"
+    assert _resolve(tiny_qwen2, enc, DashKVConfig(bits=64, share="head"))[1].share == "head"
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["share"] = "kv"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: share='kv' is not allowed"):
+        HashEncoders.from_pretrained(tmp_path)
+    del config["share"]  # files written before the field existed: per head
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert HashEncoders.from_pretrained(tmp_path).share == "head"

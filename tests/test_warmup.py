@@ -10,8 +10,8 @@ from dashkv import warmup
 def test_warmup_leaves_the_decode_kernels_compiled():
     report = warmup.warmup()
     assert report.seconds > 0
-    assert report.variants == ["share=head, float32", "share=group, float32", "prefill=tiered, float32",
-                               "prefill=blocks, float32"]
+    assert report.variants == ["share=head, float32", "share=group, float32", "share=union, float32",
+                               "prefill=tiered, float32", "prefill=blocks, float32"]
     kernels = warmup.decode_kernels()
     assert sorted(kernels) == sorted(warmup.DECODE_KERNELS)  # every listed name is a kernel of ops/cpu
     assert kernels["step.step_kernel"].signatures  # the fused step (it compiles the passes it calls)

@@ -202,7 +202,8 @@ def _validate(model: nn.Module, encoders: HashEncoders, config: DashKVConfig) ->
 
 
 def _resolve(model: nn.Module, encoders, config) -> tuple[HashEncoders, DashKVConfig]:
-    """The encoders and config ``enable`` was given, as objects (paths loaded, mappings built)."""
+    """The encoders and config ``enable`` was given, as objects (paths loaded, mappings built), the config
+    completed by the encoders (their dense layers joined; their sharing where the config leaves it open)."""
     if encoders is None:
         from dashkv.shipped import shipped_encoders
 
@@ -225,6 +226,8 @@ def _resolve(model: nn.Module, encoders, config) -> tuple[HashEncoders, DashKVCo
                         "of its settings, or None (the defaults)")  # fmt: skip
     if not set(encoders.dense_layers) <= set(config.dense_layers):  # layers the encoders do not serve stay exact
         config = replace(config, dense_layers=(*config.dense_layers, *encoders.dense_layers))
+    if config.share is None:  # left open: the sharing the encoders were measured with
+        config = replace(config, share=encoders.share)
     return encoders, config
 
 

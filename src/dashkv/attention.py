@@ -87,9 +87,10 @@ def step_settings(
 ) -> StepSettings:  # fmt: skip
     """The numbers of one layer's step: the config's, with the encoder's learned discounts (whole bits)."""
     ds = config.spatial_discount if config.spatial_discount is not None else float(encoder.spatial_discount.detach())
-    voters = kv_heads if config.share == "group" else heads
+    share = config.share or "head"  # None outside ``enable`` (which fills in the encoders' choice): per head
+    voters = kv_heads if share == "group" else heads
     return StepSettings(
-        high=float(config.high), mid=float(config.mid), bits=config.bits, share=config.share,
+        high=float(config.high), mid=float(config.mid), bits=config.bits, share=share,
         min_votes=vote_threshold(voters, config.vote_fraction) if config.consensus else 0,
         spatial_step=whole_bits(ds), temporal_step=temporal_bits(config, encoder),
         momentum_ratio=config.momentum_ratio, momentum_decay=config.momentum_decay, scaling=scaling,

@@ -484,7 +484,7 @@ def bench_generate(
         None, help="DASH-KV rows: attend exactly below this many keys (default: the config's; 0: tiers at every length)."
     ),
 ) -> None:
-    """End-to-end decode speed: full attention (stock, in-place cache), DASH-KV (share head, group), SnapKV.
+    """End-to-end decode speed: full attention (stock, in-place cache), DASH-KV (share head, group, union), SnapKV.
 
     Every row at each context length in the same run; SnapKV keeps DASH-KV's high + mid budget.
     """

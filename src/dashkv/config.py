@@ -12,7 +12,7 @@ SUPPORTED_BITS = (16, 32, 64, 128)
 DEFAULT_BITS = 128
 PREFILL_MODES = ("dense", "tiered", "blocks")
 SELECTORS = ("hash", "oracle")
-SHARING = ("head", "group")
+SHARING = ("head", "group", "union")
 
 
 class ConfigError(ValueError):
@@ -103,10 +103,15 @@ class DashKVConfig:
         ``docs/speed.md``). ``0`` runs the tiers at every length (evaluation does, to score the method).
     backend : str
         Kernel backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
-    share : str
-        ``"head"``: each query head chooses its own tiers; ``"group"``: one choice per KV head from the
+    share : str or None
+        None (the default): what the encoders were measured to run best with (``HashEncoders.share``:
+        ``"head"`` for the default model's, ``"union"`` for Gemma-3-270M's); ``"head"``: each query
+        head chooses its own tiers; ``"group"``: one choice per KV head from the
         summed distances of its GQA group's query heads, so each K/V row is read once per group
-        (consensus then counts the votes of the groups).
+        (consensus then counts the votes of the groups); ``"union"``: each head chooses as with
+        ``"head"``, and every head of a GQA group attends to what any of them chose (a key high for
+        one head is high for all, else mid if mid for one): the rows per-head tiers read anyway, all
+        of them used by every head.
     selector : str
         ``"hash"``: tiers from Hamming distances of the codes (DASH-KV); ``"oracle"``: the high tier is
         the top ``high`` share of keys by exact ``q.k`` (no mid tier, no calibration) -- the ceiling of
@@ -132,7 +137,7 @@ class DashKVConfig:
     dense_below: int = 6144
     backend: str = "auto"
     selector: str = "hash"
-    share: str = "head"
+    share: str | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: object) -> None:  # frozen: the checked values are set once, here
@@ -173,7 +178,8 @@ class DashKVConfig:
         store("prefill_block", check_int("prefill_block", self.prefill_block, 1))
         store("chunk_size", check_int("chunk_size", self.chunk_size, 1))
         store("dense_below", check_int("dense_below", self.dense_below, 0))
-        check_choice("share", self.share, SHARING)
+        if self.share is not None:
+            check_choice("share", self.share, SHARING)
         check_choice("selector", self.selector, SELECTORS)
         if self.selector == "oracle" and self.mid > 0:
             _fail("mid", self.mid, "0 with selector='oracle' (exact top-k has no estimated tier)")

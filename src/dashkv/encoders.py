@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dashkv.codes import pack_bits, sign_bits
-from dashkv.config import DEFAULT_BITS, SUPPORTED_BITS
+from dashkv.config import DEFAULT_BITS, SHARING, SUPPORTED_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,14 @@ class HashEncoders(nn.Module):
     budget_scales : mapping of int to float
         Multipliers of ``DashKVConfig.high`` per layer (absent layers: 1), e.g. ``{5: 1.6, 17: 0.4}``:
         how the layer check of ``dashkv train`` shares the high tier between layers.
+    share : str
+        How the tiers are shared in a GQA group where ``DashKVConfig.share`` is None (its default): one
+        of ``SHARING``, ``"head"`` unless measured otherwise for these encoders.
     """
 
     def __init__(self, shape: dict, bits: int = DEFAULT_BITS, hidden: int = 256, fingerprint: str | None = None,
-                 dense_layers: Sequence[int] = (), budget_scales: Mapping[int, float] | None = None):  # fmt: skip
+                 dense_layers: Sequence[int] = (), budget_scales: Mapping[int, float] | None = None,
+                 share: str = "head"):  # fmt: skip
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported; bits must be one of {SUPPORTED_BITS}")
@@ -180,6 +184,7 @@ class HashEncoders(nn.Module):
         )
         self.dense_layers = dense_layers
         self.budget_scales = budget_scales or {}
+        self.share = share
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -212,6 +217,17 @@ class HashEncoders(nn.Module):
             raise ValueError(f"budget_scales={scales!r} is not allowed; budget_scales must map layer indices in "
                              f"0..{count - 1} to positive finite numbers, e.g. {{5: 1.6, 17: 0.4}} or {{}}")  # fmt: skip
         self._budget_scales = {int(i): float(v) for i, v in sorted(scales.items())}
+
+    @property
+    def share(self) -> str:
+        """The tier sharing these encoders run with where the config leaves it open (``share=None``)."""
+        return self._share
+
+    @share.setter
+    def share(self, share: str) -> None:
+        if share not in SHARING:
+            raise ValueError(f"share={share!r} is not allowed; share must be one of {SHARING}")
+        self._share = share
 
     def budget_scale(self, layer: int) -> float:
         """The multiplier of ``DashKVConfig.high`` for ``layer`` (1 unless :attr:`budget_scales` names it)."""
@@ -281,6 +297,7 @@ class HashEncoders(nn.Module):
             "fingerprint": self.fingerprint,
             "dense_layers": list(self.dense_layers),
             "budget_scales": {str(i): v for i, v in self.budget_scales.items()},
+            "share": self.share,
             DIGEST_FIELD: weights_digest(tensors),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -303,7 +320,8 @@ class HashEncoders(nn.Module):
         model = config["model"]
         encoders = cls(model, bits=config["bits"], hidden=config["hidden"], fingerprint=config["fingerprint"],
                        dense_layers=config.get("dense_layers", []),
-                       budget_scales={int(i): v for i, v in config.get("budget_scales", {}).items()})  # fmt: skip
+                       budget_scales={int(i): v for i, v in config.get("budget_scales", {}).items()},
+                       share=config.get("share", "head"))  # fmt: skip
         encoders.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
         return encoders.eval()
 
@@ -405,6 +423,8 @@ def _check_config(config: object, path: Path) -> None:
     ):  # fmt: skip
         bad("budget_scales", scales, f"an object from layer indices in 0..{model['num_layers'] - 1} (as strings) "
                                      "to positive finite numbers")  # fmt: skip
+    if config.get("share", "head") not in SHARING:  # absent in files written before it existed
+        bad("share", config["share"], f"one of {list(SHARING)}")
     digest = config.get(DIGEST_FIELD)
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64
                                    and all(c in "0123456789abcdef" for c in digest)):  # fmt: skip

@@ -184,8 +184,8 @@ def tiny_model(num_layers: int = 3, vocab_size: int = 128, dtype: torch.dtype = 
 
 def variants() -> dict[str, object]:
     """The config variants :func:`warmup` runs: the defaults (consensus and cross-layer momentum on) with
-    tiers per query head and per GQA group, the tiered prefill (query blocks of ``chunk_size``) and the
-    block prefill."""
+    tiers per query head, per GQA group and joined over the group, the tiered prefill (query blocks of
+    ``chunk_size``) and the block prefill."""
     from dashkv.config import DEFAULT_BITS, DashKVConfig
 
     # "cpu": fail loudly rather than warm up the reference; dense_below=0: the tiny context goes through the tiers
@@ -193,6 +193,7 @@ def variants() -> dict[str, object]:
     return {
         "share=head": dataclasses.replace(base, share="head"),
         "share=group": dataclasses.replace(base, share="group"),
+        "share=union": dataclasses.replace(base, share="union"),
         "prefill=tiered": dataclasses.replace(base, prefill="tiered"),
         "prefill=blocks": dataclasses.replace(base, prefill="blocks"),
     }

@@ -10,7 +10,7 @@ def test_bench_writes_json_and_plot_with_a_dense_baseline(tmp_path):
     assert saved["machine"]["read_bandwidth_gbps"] > 0
     assert [c["seq"] for c in saved["cases"]] == [300, 700]
     for case in saved["cases"]:
-        for name in ("sdpa", "dashkv_fused", "dashkv_high", "dashkv_step", "dashkv_step_group", "dashkv_floor",
+        for name in ("sdpa", "dashkv_fused", "dashkv_high", "dashkv_step", "dashkv_step_group", "dashkv_step_union", "dashkv_floor",
                      "dashkv_dense"):
             assert 0 < case[name]["low"] <= case[name]["median"] <= case[name]["high"]
         assert case["speedup_fused"] == case["sdpa"]["median"] / case["dashkv_fused"]["median"]

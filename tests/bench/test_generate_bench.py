@@ -30,11 +30,11 @@ def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
             assert 0 <= run["same_tokens"] <= 4
         assert runs["full"]["vs_full"] == 1 and runs["full"]["same_tokens"] == 4
         assert runs["full_inplace"]["tokens"] == runs["full"]["tokens"]  # the same attention on another cache
-        for name in ("full", "full_inplace", "dashkv_head", "dashkv_group"):
+        for name in ("full", "full_inplace", "dashkv_head", "dashkv_group", "dashkv_union"):
             assert runs[name]["kept_tokens"] == case["length"]
         # SnapKV keeps DASH-KV's high + mid budget (nothing to drop at 40 tokens: sinks + window + 20 %)
         assert runs["snapkv"]["kept_tokens"] == budget.kept(case["length"])
-        assert set(case["tiers"]) == {"dashkv_head", "dashkv_group"}
+        assert set(case["tiers"]) == {"dashkv_head", "dashkv_group", "dashkv_union"}
         assert all(set(t) == {"high", "mid", "low"} for t in case["tiers"].values())
     assert all(case["peak_rss_mb"] > 0 for case in cases)
     assert cases[1]["runs"]["snapkv"]["kept_tokens"] < 200
@@ -66,9 +66,9 @@ def test_contexts_above_single_shot_share_one_chunked_prefill(monkeypatch):
     assert "snapkv" not in single and "snapkv" not in shared
     for name in ("full", "full_inplace"):
         assert shared[name]["tokens"] == single["full"]["tokens"], name
-    for name in ("dashkv_head", "dashkv_group"):
+    for name in ("dashkv_head", "dashkv_group", "dashkv_union"):
         assert shared[name]["kept_tokens"] == 120 and shared[name]["prefill_s"] > 0
-    assert coded[:4] == [(120, 0)] * 4  # two DASH-KV rows x two full layers, coded whole after the copy
+    assert coded[:6] == [(120, 0)] * 6  # three DASH-KV rows x two full layers, coded whole after the copy
 
 
 def test_timed_attention_times_the_attention_calls_and_restores(tiny_qwen2):

@@ -49,7 +49,7 @@ def chunk(request, monkeypatch):
         monkeypatch.setattr(cpu.api, "CHUNK", request.param)
 
 
-@pytest.mark.parametrize("share", ["head", "group"])
+@pytest.mark.parametrize("share", ["head", "group", "union"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}kv{k}T{t}S{s}R{r}" for b, h, k, t, s, r in SHAPES])
 def test_fused_step_matches_the_reference_chain(shape, name, share, chunk):
@@ -75,7 +75,7 @@ def test_fused_step_matches_the_reference_chain(shape, name, share, chunk):
     torch.testing.assert_close(got.output, expected.output, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.probs, expected.probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.prior, expected.prior, rtol=1e-5, atol=1e-6)
-    if share == "group":  # one selection per KV head: the group's query heads share their tiers
+    if share != "head":  # one selection per KV head: the group's query heads share their tiers
         grouped = got.tiers.view(batch, kv_heads, heads // kv_heads, tokens, keys)
         assert (grouped == grouped[:, :, :1]).all()
     # without the weights (the decode path): the same output, prior and counts
@@ -147,3 +147,24 @@ def test_the_step_codes_the_keys_added_since_the_codes_were_read(ops):
                         ops=ops, want_weights=False)  # fmt: skip
     torch.testing.assert_close(got.output, whole.output, rtol=0, atol=0)
     assert torch.equal(got.counts, whole.counts)
+
+
+def test_union_joins_each_heads_own_selection():
+    """``share="union"``: every head's own high keys are high for the whole group (a superset of what
+    ``share="head"`` gives each head, so at least as much of each head's exact attention), and a key is
+    low only where it is low for every head of the group."""
+    gen = torch.Generator().manual_seed(4)
+    enc = _encoder(gen, 8, 2, 16, 64)
+    key, value = torch.randn(2, 1, 2, 2000, 16, generator=gen)
+    codes, norms = enc.encode_key(key)
+    query = torch.randn(1, 8, 1, 16, generator=gen)
+    visible = visibility(1, 1, 2000, None, key.device)
+    base = dict(bits=64, high=0.05, mid=0.15, sinks=2, window=8, dense_layers=())
+    args = (query, key, value, codes, norms, enc)
+    head = tiered_step(*args, DashKVConfig(**base, share="head"), visible, 0.25, None, ops=cpu)
+    union = tiered_step(*args, DashKVConfig(**base, share="union"), visible, 0.25, None, ops=cpu)
+    per_head = head.tiers.view(1, 2, 4, 1, 2000)
+    joined = union.tiers.view(1, 2, 4, 1, 2000)
+    assert torch.equal(joined[:, :, 0], per_head.amax(2))
+    assert ((head.tiers == ref.HIGH) <= (union.tiers == ref.HIGH)).all()
+    assert (union.tiers == ref.HIGH).sum() > (head.tiers == ref.HIGH).sum()  # the heads chose differently

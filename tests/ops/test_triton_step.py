@@ -43,6 +43,9 @@ CASES = [
     ((1, 3, 3, 1, 7, 64), "no-calibration", "head"),
     ((1, 3, 3, 1, 7, 64), "default", "group"),
     ((2, 2, 2, 1, 1, 64), "default", "head"),
+    ((1, 9, 3, 1, 400, 64), "default", "union"),
+    ((2, 4, 1, 3, 65, 128), "strong-discounts", "union"),
+    ((1, 8, 1, 2, 63, 32), "no-mid", "union"),
 ]
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 
@@ -95,7 +98,7 @@ def _compare(shape, name, share, dtype):
     wtol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-3, 1e-5)  # weights from fp32 logits of 16-bit rows
     torch.testing.assert_close(got.probs.cpu(), expected.probs, rtol=wtol[0], atol=wtol[1])
     torch.testing.assert_close(got.prior.cpu(), expected.prior, rtol=wtol[0], atol=wtol[1])
-    if share == "group":  # one selection per KV head: the group's query heads share their tiers
+    if share != "head":  # one selection per KV head: the group's query heads share their tiers
         batch, heads, kv_heads, tokens, keys, _ = shape
         grouped = got.tiers.view(batch, kv_heads, heads // kv_heads, tokens, keys)
         assert (grouped == grouped[:, :, :1]).all()

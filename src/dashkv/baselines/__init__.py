@@ -4,7 +4,8 @@
 
 - ``full``: full attention (no budget);
 - ``dashkv``: DASH-KV with the given encoders (high = budget, mid = 3 x budget, consensus, momentum);
-- ``dashkv-head``, ``dashkv-group``: the same with tiers per query head / per GQA group;
+- ``dashkv-head``, ``dashkv-group``, ``dashkv-union``: the same with tiers per query head / per GQA group /
+  per query head joined over the group;
 - ``oracle``: top-k by exact ``q.k`` (the ceiling of any selector);
 - ``simhash``: random-projection hashing with the same bits, top-k by Hamming distance only;
 - ``streamingllm``, ``snapkv``, ``h2o``: kvpress presses at the budget's total kept keys;
@@ -20,7 +21,7 @@ from dashkv.baselines.kivi import KIVIMethod
 from dashkv.baselines.method import Method
 from dashkv.baselines.presses import press_method
 
-METHODS = ("full", "dashkv", "dashkv-head", "dashkv-group", "oracle", "simhash", "streamingllm", "snapkv", "h2o", "kivi", "ablation")
+METHODS = ("full", "dashkv", "dashkv-head", "dashkv-group", "dashkv-union", "oracle", "simhash", "streamingllm", "snapkv", "h2o", "kivi", "ablation")
 BUDGETLESS = ("full", "kivi")
 
 __all__ = ["METHODS", "BUDGETLESS", "Budget", "Method", "build_methods"]
@@ -48,7 +49,7 @@ def build_methods(model, encoders, names: tuple[str, ...], budgets: tuple[float,
         for name in names:
             if name == "dashkv":
                 rows.append(dashkv_method(encoders, budget, mid_ratio))
-            elif name in ("dashkv-head", "dashkv-group"):  # the two sharing modes, side by side
+            elif name in ("dashkv-head", "dashkv-group", "dashkv-union"):  # the sharing modes, side by side
                 rows.append(dashkv_method(encoders, budget, mid_ratio, name=name, share=name.split("-")[1]))
             elif name == "oracle":
                 rows.append(oracle_method(encoders, budget))

@@ -91,7 +91,8 @@ def symmetric(encoders: HashEncoders) -> HashEncoders:
     difference): the "symmetric encoders" row of the ablation. For random-projection encoders this is
     the identity (SimHash is symmetric by construction)."""
     sym = HashEncoders(encoders.shape, bits=encoders.bits, hidden=encoders.hidden, fingerprint=encoders.fingerprint,
-                       dense_layers=encoders.dense_layers, budget_scales=encoders.budget_scales)  # fmt: skip
+                       dense_layers=encoders.dense_layers, budget_scales=encoders.budget_scales,
+                       share=encoders.share)  # fmt: skip
     sym.load_state_dict(encoders.state_dict())
     groups = encoders.shape["num_heads"] // encoders.shape["num_kv_heads"]
     with torch.no_grad():

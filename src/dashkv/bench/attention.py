@@ -34,6 +34,7 @@ METHODS = {
     "dashkv_high": "DASH-KV fused kernel, high tier only",
     "dashkv_step": "DASH-KV method step, tiers per query head (encode + calibration + fused)",
     "dashkv_step_group": "DASH-KV method step, tiers per GQA group",
+    "dashkv_step_union": "DASH-KV method step, per-head tiers joined over the GQA group",
     "dashkv_floor": "reads alone (codes, K of high, V of high + mid): the memory floor",
     "dashkv_dense": "full attention, dashkv's dense kernel (K and V read once per GQA group)",
 }
@@ -155,7 +156,8 @@ def bench_case(shape: str, seq: int, config: DashKVConfig, repeats: int, warmup:
 
     fns = {"sdpa": dense, "dashkv_fused": fused, "dashkv_high": high_only,
            "dashkv_step": method(replace(config, share="head")),
-           "dashkv_step_group": method(replace(config, share="group")), "dashkv_floor": row_reads,
+           "dashkv_step_group": method(replace(config, share="group")),
+           "dashkv_step_union": method(replace(config, share="union")), "dashkv_floor": row_reads,
            "dashkv_dense": lambda: cpu.dense_attention(query, key, value, visible, scaling)}
     timings = _time(fns, repeats, warmup)
     scan = _time({"scan": cpu.code_scan_plan(query_codes, codes)}, repeats, warmup)["scan"]
@@ -281,14 +283,16 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     """Markdown table of the cases: medians in ms and speed-ups over SDPA in the same run."""
     lines = ["| shape | S | SDPA ms | fused ms | fused × | high-only ms | high-only × | step ms | step × | "
-             "group step ms | group step × | floor ms | floor × | dense kernel ms | dense kernel × | scan GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "group step ms | group step × | union step ms | union step × | floor ms | floor × | dense kernel ms | "
+             "dense kernel × | scan GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         lines.append(
             f"| {c['shape']} | {c['seq']} | {c['sdpa']['median']:.2f} | {c['dashkv_fused']['median']:.2f} | "
             f"{c['speedup_fused']:.1f} | {c['dashkv_high']['median']:.2f} | {c['speedup_high']:.1f} | "
             f"{c['dashkv_step']['median']:.2f} | {c['speedup_step']:.1f} | "
-            f"{c['dashkv_step_group']['median']:.2f} | {c['speedup_step_group']:.1f} | {c['dashkv_floor']['median']:.2f} | "
+            f"{c['dashkv_step_group']['median']:.2f} | {c['speedup_step_group']:.1f} | "
+            f"{c['dashkv_step_union']['median']:.2f} | {c['speedup_step_union']:.1f} | {c['dashkv_floor']['median']:.2f} | "
             f"{c['speedup_floor']:.1f} | {c['dashkv_dense']['median']:.2f} | {c['speedup_dense']:.1f} | "
             f"{c['code_scan_gbps']:.1f} |"
         )

@@ -12,8 +12,9 @@ more than the differences measured. The rows:
   concatenates the whole K and V at every step: what a user runs without DASH-KV;
 - ``full_inplace``: the same attention over ``DashKVCache(None)``, the cache DASH-KV decodes from
   without key codes (preallocated, grows by doubling): what the cache alone buys;
-- ``dashkv_head`` and ``dashkv_group``: DASH-KV with the shipped encoders (else random ones) and the
-  default config, tiers chosen per query head and per GQA group (``DashKVConfig.share``);
+- ``dashkv_head``, ``dashkv_group`` and ``dashkv_union``: DASH-KV with the shipped encoders (else random
+  ones) and the default config, tiers chosen per query head, per GQA group and per head joined over the
+  group (``DashKVConfig.share``);
 - ``snapkv``: kvpress' ``SnapKVPress`` compressing the context during the prefill (the observation
   window is the config's ``window``), then full attention over the kept keys. It keeps as many keys
   per KV head as DASH-KV attends to in its high and mid tiers together: ``Budget(high + mid, sinks,
@@ -62,6 +63,7 @@ ROWS = {
     "full_inplace": "full attention (in-place cache)",
     "dashkv_head": "DASH-KV share=head",
     "dashkv_group": "DASH-KV share=group",
+    "dashkv_union": "DASH-KV share=union",
     "snapkv": "SnapKV (kvpress)",
 }
 BLOCK = 4  # tokens a row decodes before the next row's turn
@@ -250,7 +252,7 @@ def compare(
     budget = Budget(config.high + config.mid, config.sinks, config.window)
     # kvpress presses every layer alike: not models with sliding-window layers (their caches keep a window)
     with_snapkv = _kvpress_available() and not sliding_windows(model.config)
-    shares = ("head", "group")
+    shares = ("head", "group", "union")
 
     def rows(ids: torch.Tensor, tokens: int, config=config) -> tuple[dict[str, DecodeRun], dict[str, dict], float]:
         length = ids.shape[1]

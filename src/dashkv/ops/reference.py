@@ -450,6 +450,14 @@ def group_distance(raw: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return raw.view(b, kv_heads, h // kv_heads, t, s).sum(2, dtype=torch.int32)
 
 
+def union_tiers(tiers: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-head tiers ``[B, H, T, S]`` joined over each GQA group: a key high for any of the group's heads
+    is high for all of them, else mid if mid for any (``share="union"``)."""
+    b, h, t, s = tiers.shape
+    joined = tiers.view(b, kv_heads, h // kv_heads, t, s).amax(2, keepdim=True)
+    return joined.expand(b, kv_heads, h // kv_heads, t, s).reshape(b, h, t, s)
+
+
 def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
     """DASH-KV attention of one layer: distances, consensus, momentum, calibration, tiers, attention.
 
@@ -475,15 +483,26 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
         temporal = momentum_mask(inputs.prior, visible, settings.momentum_ratio)
     dist, lo = calibrate(dist, spatial, temporal, settings.spatial_step * scale, settings.temporal_step * scale)
     tiers = expand_kv(assign_tiers(dist, visible, always, k_high, k_mid, lo, hi), heads)
+    if settings.share == "union":
+        tiers = union_tiers(tiers, kv_heads)
+    return attend_over_tiers(inputs, settings, mid, raw, tiers)
+
+
+def attend_over_tiers(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None, raw: torch.Tensor,
+                      tiers: torch.Tensor, attention=tiered_attention) -> StepOutputs:  # fmt: skip
+    """The rest of :func:`decode_step` once the tiers ``[B, H, T, S]`` are chosen: the mid-tier estimate
+    from the raw distances ``raw [B, H, T, S]``, the tiered attention (``attention``: a backend's
+    ``tiered_attention``), the tier counts, the next layer's prior and the weights."""
+    q = inputs.query
     estimate = None
     if mid is not None and settings.mid > 0:
         q32 = q.to(torch.float32)
-        center = expand_kv(mid.key_center.unsqueeze(0), heads)[0]
+        center = expand_kv(mid.key_center.to(q32.device).unsqueeze(0), q.shape[1])[0]
         estimate = MidTierInputs(
             raw, inputs.query_codes, inputs.key_codes, settings.bits, q32.norm(dim=-1), inputs.key_norms,
             torch.einsum("bhtd,hd->bht", q32, center), mid.temperature, mid.bias, mid.residual,
         )  # fmt: skip
-    output, probs = tiered_attention(q, k, v, tiers, settings.scaling, estimate)
+    output, probs = attention(q, inputs.key, inputs.value, tiers, settings.scaling, estimate)
     counts = torch.stack([(tiers == t).sum() for t in (HIGH, MID, LOW)]).to(torch.int64)
     prior = update_prior(inputs.prior, probs, settings.momentum_decay) if settings.want_prior else None
     weights = (probs, tiers) if settings.want_weights else (None, None)

@@ -144,8 +144,8 @@ def calibrate_kernel(dist, masks, heads, tokens, votes_at, min_votes, step_s, te
 
 
 @njit(fastmath=FASTMATH, **PJIT)
-def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, scaling, parts, tiers, want_tiers,
-                  chunk):  # fmt: skip
+def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, union, mid, scaling, parts, tiers,
+                  want_tiers, chunk):  # fmt: skip
     """Tiers from the thresholds of the (calibrated) distances ``dist + off`` (``tiers_at``: the high
     and the high-or-mid thresholds, ties needed and tie bases), then split-softmax attention over the
     chunk's high and mid keys (:func:`dashkv.ops.cpu.attend.attend_chunk`); the mid estimate reads the
@@ -154,6 +154,8 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
     ``group``: ``dist``, the thresholds, the mask rows and ``tiers`` are per (batch, KV head, token)
     (:func:`selection_row`): the group's query heads share one selection, made once, and each head's
     own raw distances of the selected keys (for the mid estimate) are recomputed from the codes.
+    ``union``: every head selects on its own rows, and each head attends to the union of the group's
+    selections (:func:`_union_chunk`), its distances recomputed the same way.
 
     Writes ``parts`` (:class:`~dashkv.ops.cpu.step.Partials`): each (row, chunk)'s softmax partials,
     high and mid counts, and its selected keys (high first) with their unnormalised weights, read
@@ -180,20 +182,27 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, mid, 
         dd = np.empty(s1 - s0, np.int64)
         logit = np.empty(s1 - s0, np.float32)
         est = np.empty(s1 - s0, np.float32)
+        in_high = np.empty(s1 - s0 if union else 0, np.uint8)
+        in_mid = np.empty(s1 - s0 if union else 0, np.uint8)
         nh = nm = n_mid = 0
         for t in range(tokens):
+            if union:
+                nh, nm, n_mid = _union_chunk(
+                    b, kvh, t, groups, kheads, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m,
+                    nd_m, tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd, in_high, in_mid,
+                )  # fmt: skip
             for g in range(groups):
                 h = kvh * groups + g
                 row = (b * heads + h) * tokens + t
                 q0 = qc[b, h, t, 0]
                 q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
-                if g == 0 or not group:
+                if not union and (g == 0 or not group):
                     srow = selection_row(b, kvh, g, t, kheads, groups, tokens, group)
                     nh, nm, n_mid = _select_chunk(
                         srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m, nd_m,
                         tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
                     )  # fmt: skip
-                if group and mid.on:  # this head's own raw distances of the shared selection
+                if (group or union) and mid.on:  # this head's own raw distances of the shared selection
                     for i in range(nh + nm):
                         krow = np.uintp(kbase + idx[np.uintp(i)])
                         d = popcount(q0 ^ kc[krow, 0])
@@ -223,6 +232,48 @@ def selection_row(b, kvh, g, t, kheads, groups, tokens, group):
     if group:
         return (b * kheads + kvh) * tokens + t
     return (b * kheads * groups + kvh * groups + g) * tokens + t
+
+
+@njit(**JIT)
+def _union_chunk(
+    b, kvh, t, groups, kheads, tokens, s0, s1, c, dist, off, has_off, masks,
+    th_h, nd_h, tb_h, th_m, nd_m, tb_m, has_mid, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
+    in_high, in_mid,
+):  # fmt: skip
+    """The union of the chunk's selections of a GQA group's heads (each by :func:`_select_chunk` on its
+    own row): high keys (high for any head) into ``idx[:nh]``, mid keys (mid for any head and high for
+    none) into ``idx[nh:nh + nm]`` where ``has_mid``; the union's tiers written into every head's row if
+    wanted. Returns ``(nh, nm, mid keys)``; ``dd`` is left to the caller (each head's own distances)."""
+    n = s1 - s0
+    for i in range(n):
+        in_high[i] = 0
+        in_mid[i] = 0
+    for g in range(groups):
+        srow = selection_row(b, kvh, g, t, kheads, groups, tokens, False)
+        nh_g, _, mid_g = _select_chunk(
+            srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m, nd_m, tb_m,
+            False, tiers, False, high_f, mid_f, tie_f, idx, mids, ties, dd,
+        )  # fmt: skip
+        for i in range(nh_g):
+            in_high[np.uintp(idx[np.uintp(i)] - s0)] = 1
+        for i in range(mid_g):
+            in_mid[np.uintp(mids[np.uintp(i)] - s0)] = 1
+    for i in range(n):  # vectorised
+        in_mid[i] = in_mid[i] & (in_high[i] ^ np.uint8(1))
+    nh = _compact(in_high, n, s0, idx)
+    n_mid = _compact(in_mid, n, s0, mids)
+    nm = n_mid if has_mid else 0
+    for i in range(nm):
+        idx[np.uintp(nh + i)] = mids[np.uintp(i)]
+    if want_tiers:
+        vis = masks.vis
+        for g in range(groups):
+            srow = selection_row(b, kvh, g, t, kheads, groups, tokens, False)
+            r, m = np.uintp(srow), np.uintp(mask_row(srow, masks.dims))
+            for i in range(n):
+                s = np.uintp(s0 + i)
+                tiers[r, s] = HIGH if in_high[i] else MID if in_mid[i] else LOW if vis[m, s] else HIDDEN
+    return nh, nm, n_mid
 
 
 @njit(**JIT)

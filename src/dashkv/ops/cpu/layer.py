@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dashkv.config import SHARING
 from dashkv.ops.cpu import api
 from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.encode import NO_ENCODER, encode_query, few_rows
@@ -172,8 +173,8 @@ def dash_attention(
         for the spatial discount; 0 turns consensus off
     spatial_step, temporal_step : int, ``<= 0`` -- the discounts in whole bits of one head's distance
     temporal : Tensor[B, 1, T, S] bool or None -- the momentum mask
-    share : ``"head"`` or ``"group"`` (tiers per KV head from the group's summed distances; masks
-        must then be the same for every query head)
+    share : ``"head"``, ``"group"`` (tiers per KV head from the group's summed distances; masks
+        must then be the same for every query head) or ``"union"`` (per-head tiers joined over the group)
 
     Returns
     -------
@@ -183,8 +184,8 @@ def dash_attention(
     """
     if isinstance(k_high, float) != isinstance(k_mid, float):
         raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
-    if share not in ("head", "group"):
-        raise ValueError(f"share={share!r} is not supported; choose 'head' or 'group'")
+    if share not in SHARING:
+        raise ValueError(f"share={share!r} is not supported; choose one of {SHARING}")
     if spatial_step > 0 or temporal_step > 0:
         raise ValueError(f"discounts must be <= 0, got spatial_step={spatial_step}, temporal_step={temporal_step}")
     vw.check_cpu(query, key, value, query_codes, key_codes)
@@ -213,7 +214,7 @@ def dash_attention(
     if temporal is not None:
         tmask = vw.as_numpy(temporal.to(torch.bool).expand(nbatch, 1, tokens, seq)).reshape(-1, seq).view(np.uint8)
     calib = Calibration(64 * words if bits is None else int(bits), group, int(min_votes), int(spatial_step),
-                        int(temporal_step), 0.0, tmask, temporal is not None)  # fmt: skip
+                        int(temporal_step), 0.0, tmask, temporal is not None, share == "union")  # fmt: skip
     tier = api.given_mid_tier(mid, (nbatch, heads, tokens), words) if mid is not None else NO_MID
     q = vw.as_numpy(query.detach().to(torch.float32)).reshape(-1, dim)
     out = _run_step(q, vw.codes_array(query_codes), (nbatch, heads, tokens), NO_ENCODER, NO_KEY_ENCODER, seq, kv,

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dashkv.config import SHARING
 from dashkv.ops.cpu.encode import KeyEncoder, QueryEncoder, key_encoder, query_encoder
 from dashkv.ops.cpu.step import Budget, Calibration, MidTier
 from dashkv.ops.cpu.tables import byte_tables, cos_table
@@ -60,8 +61,8 @@ def mid_tier(mid: MidTierWeights, heads: int, bits: int, words: int) -> MidTier:
 def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> LayerPlan:
     """The CPU plan of one layer: ``encoder`` (a :class:`~dashkv.encoders.LayerHashEncoder`, or None when
     every call brings its query codes), the step's settings and the mid-tier weights."""
-    if settings.share not in ("head", "group"):
-        raise ValueError(f"share={settings.share!r} is not supported; choose 'head' or 'group'")
+    if settings.share not in SHARING:
+        raise ValueError(f"share={settings.share!r} is not supported; choose one of {SHARING}")
     if settings.spatial_step > 0 or settings.temporal_step > 0:
         raise ValueError(
             f"discounts must be <= 0, got spatial_step={settings.spatial_step}, temporal_step={settings.temporal_step}"
@@ -73,7 +74,8 @@ def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> L
         query_encoder(encoder), key_encoder(encoder) if encoder is not None else NO_KEY_ENCODER,
         Budget(True, float(settings.high), float(settings.mid), NO_ROWS, NO_ROWS),
         Calibration(int(settings.bits), settings.share == "group", int(settings.min_votes), int(settings.spatial_step),
-                    int(settings.temporal_step), float(settings.momentum_ratio), NO_MASK, False),
+                    int(settings.temporal_step), float(settings.momentum_ratio), NO_MASK, False,
+                    settings.share == "union"),
         tier, np.float32(settings.scaling), float(settings.momentum_decay), bool(settings.want_prior),
         bool(settings.want_weights),
     )  # fmt: skip

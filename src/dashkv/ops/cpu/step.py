@@ -37,7 +37,8 @@ class Calibration(NamedTuple):
     ``top``: one head's largest raw distance (``R``); ``group``: selection per KV head on summed
     distances; ``min_votes``: 0 turns consensus off; ``spatial_step`` / ``temporal_step``: the
     discounts in whole bits (``<= 0``). Momentum marks keys by ``prior * visible keys >=
-    momentum_ratio``, or, where ``temporal_given``, by the mask ``temporal [B*T, S]`` uint8."""
+    momentum_ratio``, or, where ``temporal_given``, by the mask ``temporal [B*T, S]`` uint8. ``union``:
+    each head selects alone and every head of a GQA group attends to the union (``share="union"``)."""
 
     top: int
     group: bool
@@ -47,6 +48,7 @@ class Calibration(NamedTuple):
     momentum_ratio: float
     temporal: np.ndarray
     temporal_given: bool
+    union: bool
 
 
 class MidTier(NamedTuple):
@@ -297,8 +299,8 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
         np.empty(kept, np.int32), np.empty(kept, np.float32),
     )  # fmt: skip
     tiers = np.empty((srows, seq) if want_tiers_out else (1, 1), np.int8)
-    attend_kernel(q, qc, rows, masks, dist, off, calibrated, tiers_at, group, mid, scaling, parts, tiers,
-                  want_tiers_out, chunk)  # fmt: skip
+    attend_kernel(q, qc, rows, masks, dist, off, calibrated, tiers_at, group, calib.union, mid, scaling, parts,
+                  tiers, want_tiers_out, chunk)  # fmt: skip
     factor = np.empty(parts.m.shape, np.float64)
     merge_kernel(parts.m, parts.l, parts.acc, parts.gap, parts.nhigh, mid.on, out, factor)
     prior_out = np.empty((nbatch * tokens, seq) if prior.want else (1, 1), np.float32)

@@ -18,10 +18,13 @@ from dashkv.ops.reference import (
     StepInputs,
     StepOutputs,
     StepSettings,
+    attend_over_tiers,
     code_new_keys,
     expand_kv,
     plan_layer,  # noqa: F401 - the reference's plan: nothing to prepare on the GPU
+    union_tiers,
 )
+from dashkv.config import SHARING
 from dashkv.ops.triton import common
 from dashkv.ops.triton.attend import attend_kernel, merge_kernel, weights_kernel
 from dashkv.ops.triton.common import BLOCK_M, pow2
@@ -327,8 +330,10 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     q, key, value = inputs.query, inputs.key, inputs.value
     check_device(query=q, key=key, value=value, query_codes=inputs.query_codes, key_codes=inputs.key_codes,
                  visible=inputs.visible, always=inputs.always)  # fmt: skip
+    if settings.share == "union":
+        return _union_step(inputs, settings, mid)
     if settings.share not in ("head", "group"):
-        raise ValueError(f"share={settings.share!r} is not supported; choose 'head' or 'group'")
+        raise ValueError(f"share={settings.share!r} is not supported; choose one of {SHARING}")
     if settings.spatial_step > 0 or settings.temporal_step > 0:
         raise ValueError(f"discounts must be <= 0, got spatial_step={settings.spatial_step}, "
                          f"temporal_step={settings.temporal_step}")  # fmt: skip
@@ -407,6 +412,15 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
         tiers_t = tiers.view(nbatch, sel_heads, tokens, seq)
         tiers_t = expand_kv(tiers_t, heads) if group else tiers_t
     return StepOutputs(output, counts, prior, probs, tiers_t)
+
+
+def _union_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights | None) -> StepOutputs:
+    """``share="union"``: the per-head step's tiers joined over each GQA group, then the tiered attention
+    over them. Two passes and a ``[B, H, T, S]`` tiers tensor: no fused kernel for the union yet."""
+    per_head = decode_step(inputs, settings._replace(share="head", want_weights=True, want_prior=False), mid)
+    tiers = union_tiers(per_head.tiers, inputs.key.shape[1])
+    raw = hamming_distance(inputs.query_codes, inputs.key_codes)
+    return attend_over_tiers(inputs, settings, mid, raw, tiers, attention=tiered_attention)
 
 
 def layer_step(plan: LayerPlan, inputs: StepInputs) -> StepOutputs:

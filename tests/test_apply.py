@@ -156,6 +156,26 @@ def test_short_caches_attend_exactly_below_dense_below(tiny_qwen2):
         DashKVConfig(dense_below=-1)
 
 
+def test_short_decode_steps_take_the_dense_kernel_on_the_cpu(tiny_qwen2, monkeypatch):
+    """Below ``dense_below`` a CPU decode step attends through the compiled dense kernel (reading a GQA
+    group's K and V once), a prefill through transformers' SDPA; every step's output is the one plain
+    full attention gives, token for token."""
+    from dashkv.ops import cpu
+
+    enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
+    calls = []
+    kernel = cpu.dense_attention
+    monkeypatch.setattr(cpu, "dense_attention", lambda q, *a, **k: calls.append(q.shape[2]) or kernel(q, *a, **k))
+    ids = _ids(40, seed=5)
+    with torch.no_grad():
+        plain = tiny_qwen2.generate(ids, max_new_tokens=5, do_sample=False)
+        with dashkv.enable(tiny_qwen2, enc, DashKVConfig(bits=32, dense_layers=(), dense_below=4096)):
+            out = tiny_qwen2.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=DashKVCache(enc))
+    layers = tiny_qwen2.config.num_hidden_layers
+    assert calls == [1] * (4 * layers)  # the 4 decode steps after the prefill, every layer; not the prefill
+    assert torch.equal(out, plain)
+
+
 def test_key_codes_are_made_once_the_cache_reaches_dense_below(tiny_qwen2):
     """Exact attention below ``dense_below`` never codes a key; a prefill that reaches it codes all keys
     in one batch (the first tiered step then codes only its own new key)."""

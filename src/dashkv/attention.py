@@ -39,6 +39,8 @@ from dashkv.stats import TierStats
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "dashkv"
+DENSE_KERNEL_QUERIES = 4  # query tokens up to which exact attention on the CPU takes the dense kernel
+CPU_BACKEND = "dashkv.ops.cpu"  # the compiled backend's module: its dense kernel beats SDPA at decode
 _PLANS_KEPT = 4  # plans an encoder keeps (backend, config, scaling): each holds a copy of its weights
 
 
@@ -377,6 +379,12 @@ class DashKVRuntime:
             self.stats.record_dense(layer_idx)
             if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
                 self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
+            ops = self._backend(query.device)
+            if queries <= DENSE_KERNEL_QUERIES and ops.__name__ == CPU_BACKEND and not torch.is_grad_enabled():
+                # a decode step below dense_below: the compiled dense kernel reads a GQA group's K and V
+                # rows once (transformers' SDPA expands them per query head), in place in the cache
+                visible, _ = self._mask(batch, queries, keys, attention_mask, query.device, always=False)
+                return dense_step(query, key, value, visible, scaling, ops, False).output.transpose(1, 2)
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
         visible, always = self._mask(batch, queries, keys, attention_mask, query.device, always=not blocks)
         if blocks:

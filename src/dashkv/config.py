@@ -100,7 +100,8 @@ class DashKVConfig:
     dense_below : int
         A layer attends exactly while its cache holds fewer keys than this: on short contexts a hashed
         step costs more than the dense attention it replaces (the crossover is measured in
-        ``docs/speed.md``). ``0`` runs the tiers at every length (evaluation does, to score the method).
+        ``docs/speed.md``); CPU decode steps take the compiled dense kernel, prefills SDPA. ``0`` runs
+        the tiers at every length (evaluation does, to score the method).
     backend : str
         Kernel backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
     share : str or None

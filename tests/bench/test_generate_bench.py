@@ -30,7 +30,8 @@ def test_compare_measures_every_row_on_the_same_context(tiny_qwen2):
             assert 0 <= run["same_tokens"] <= 4
         assert runs["full"]["vs_full"] == 1 and runs["full"]["same_tokens"] == 4
         assert runs["full_inplace"]["tokens"] == runs["full"]["tokens"]  # the same attention on another cache
-        for name in ("full", "full_inplace", "dashkv_head", "dashkv_group", "dashkv_union"):
+        assert runs["full_kernel"]["tokens"] == runs["full"]["tokens"]  # exact attention through the dense kernel
+        for name in ("full", "full_inplace", "full_kernel", "dashkv_head", "dashkv_group", "dashkv_union"):
             assert runs[name]["kept_tokens"] == case["length"]
         # SnapKV keeps DASH-KV's high + mid budget (nothing to drop at 40 tokens: sinks + window + 20 %)
         assert runs["snapkv"]["kept_tokens"] == budget.kept(case["length"])
@@ -64,7 +65,7 @@ def test_contexts_above_single_shot_share_one_chunked_prefill(monkeypatch):
                         coded.append((self.length, pending)) or f(self, pending))  # fmt: skip
     shared = generate.compare(model, encoders, context, new_tokens=5, warmup_tokens=0, config=config)[0]["runs"]
     assert "snapkv" not in single and "snapkv" not in shared
-    for name in ("full", "full_inplace"):
+    for name in ("full", "full_inplace", "full_kernel"):
         assert shared[name]["tokens"] == single["full"]["tokens"], name
     for name in ("dashkv_head", "dashkv_group", "dashkv_union"):
         assert shared[name]["kept_tokens"] == 120 and shared[name]["prefill_s"] > 0

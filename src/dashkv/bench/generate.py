@@ -12,6 +12,9 @@ more than the differences measured. The rows:
   concatenates the whole K and V at every step: what a user runs without DASH-KV;
 - ``full_inplace``: the same attention over ``DashKVCache(None)``, the cache DASH-KV decodes from
   without key codes (preallocated, grows by doubling): what the cache alone buys;
+- ``full_kernel``: exact attention on that cache through DASH-KV's dense kernel (``enable`` with
+  ``dense_below`` above the context: every layer attends to every key, reading a GQA group's K and V
+  rows once): the fastest exact rival, what the tiers must beat;
 - ``dashkv_head``, ``dashkv_group`` and ``dashkv_union``: DASH-KV with the shipped encoders (else random
   ones) and the default config, tiers chosen per query head, per GQA group and per head joined over the
   group (``DashKVConfig.share``);
@@ -61,6 +64,7 @@ LENGTHS = (2048, 4096, 8192)
 ROWS = {
     "full": "full attention (DynamicCache)",
     "full_inplace": "full attention (in-place cache)",
+    "full_kernel": "full attention (dense kernel, in-place cache)",
     "dashkv_head": "DASH-KV share=head",
     "dashkv_group": "DASH-KV share=group",
     "dashkv_union": "DASH-KV share=union",
@@ -258,6 +262,9 @@ def compare(
         length = ids.shape[1]
         made: dict[str, Row] = {"full": Row(DynamicCache(config=model.config), nullcontext),
                                 "full_inplace": Row(DashKVCache(None, config=model.config), nullcontext)}
+        exact = dataclasses.replace(config, dense_layers=(), dense_below=length + tokens + 1)
+        made["full_kernel"] = Row(DashKVCache(None, config=model.config),
+                                  lambda: dashkv.enable(model, encoders, exact))  # fmt: skip
         stats: dict[str, object] = {}
         for share in shares:
             cfg = dataclasses.replace(config, share=share)

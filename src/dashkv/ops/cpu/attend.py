@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, prefetch, prefetch_l2, task_span
+from dashkv.ops.cpu.jit import AHEAD, FASTMATH, JIT, PJIT, expf, load_f32, popcount, prefetch, prefetch_l2, task_span
 from dashkv.ops.reference import HIGH, MID
 
 
@@ -158,6 +158,113 @@ def attend_chunk(
             logit, lo, hi, idx, vals, half, kbase, part_acc[part], probs, row, want_probs
         )
     return gap
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def attend_shared(
+    q, qc, b, kvh, t, heads, tokens, rows, mid, kbase, scaling, idx, nh, nm, dd, logit, est, c,
+    m_part, l_part, acc_part, gap_part,
+):  # fmt: skip
+    """:func:`attend_chunk` for every query head of KV head ``kvh`` (token ``t``) over one selection the
+    group shares (``share="group"`` / ``"union"``): ``idx[:nh]`` high keys, ``idx[nh:nh + nm]`` mid.
+    Each K row is read once for the group's logits and each V row once for all of its sums, while it
+    is in L1; per head, the loop of :func:`attend_chunk` read them once per query head (from memory
+    where a chunk's selected rows do not stay in L2: Gemma-3-270M's head dim 256).
+
+    ``dd``, ``logit``, ``est``: ``[groups, >= nh + nm]`` scratch; after the call ``logit[g, i]`` holds
+    head ``g``'s unnormalised weight of key ``idx[i]`` (as :func:`attend_chunk` leaves its ``logit``)."""
+    keys, vals, half, kc = rows.keys, rows.values, rows.half, rows.codes
+    dim = q.shape[1]
+    kheads = rows.kv_heads
+    groups = heads // kheads
+    words = qc.shape[3]
+    line = 64 // keys.itemsize
+    n = nh + nm
+    row0 = (b * heads + kvh * groups) * tokens + t  # head g's row: row0 + g * tokens
+    for i in range(min(nh, AHEAD)):
+        for j in range(0, dim, line):
+            prefetch(keys, kbase + idx[i], j)
+    if mid.on:  # estimates first: their arithmetic hides the fetch of the high keys' K rows
+        for g in range(groups):
+            h = kvh * groups + g
+            row = row0 + g * tokens
+            q0 = qc[b, h, t, 0]
+            q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
+            ddg = dd[g]
+            for i in range(n):  # this head's own raw distances of the shared selection
+                krow = np.uintp(kbase + idx[np.uintp(i)])
+                d = popcount(q0 ^ kc[krow, 0])
+                if words > 1:
+                    d += popcount(q1 ^ kc[krow, 1])
+                ddg[np.uintp(i)] = d
+            a_row = mid.temperature[h] * mid.query_norm[row]
+            qdc_row = mid.query_dot_center[row]
+            args = (idx, ddg, kbase, h, q0, q1, kc, a_row, qdc_row, rows.norms, mid.bias, mid.tables, mid.phi_sum,
+                    mid.cosines, mid.bits, scaling)  # fmt: skip
+            ahead = vals if g == 0 else vals[:1]  # the V rows of the mid keys prefetched once
+            estimates(0, nh, *args, est[g], vals[:1])
+            estimates(nh, n, *args, logit[g], ahead)
+    for i in range(nh):  # exact logits of every head from each K row while it is in L1
+        ui = np.uintp(i)
+        if i + AHEAD < nh:
+            for j in range(0, dim, line):
+                prefetch(keys, kbase + idx[np.uintp(i + AHEAD)], j)
+        krow = np.uintp(kbase + idx[ui])
+        for g in range(groups):
+            r = np.uintp(row0 + g * tokens)
+            dot = np.float32(0.0)
+            for j in range(dim):
+                dot += q[r, j] * load_f32(keys[krow, j], half)
+            logit[g, ui] = dot * scaling
+    for g in range(groups):
+        row = np.uintp(row0 + g * tokens)
+        gap = 0.0
+        if mid.on:
+            for i in range(nh):
+                gap += np.float64(logit[g, np.uintp(i)] - est[g, np.uintp(i)])
+        gap_part[row, c] = gap
+        for part, lo, hi in ((0, 0, nh), (1, nh, n)):
+            acc = acc_part[row, c, part]
+            for j in range(dim):
+                acc[j] = 0.0
+            if hi <= lo:
+                m_part[row, c, part] = -np.inf
+                l_part[row, c, part] = 0.0
+                continue
+            top = logit[g, np.uintp(lo)]
+            for i in range(lo + 1, hi):  # vectorised
+                top = max(top, logit[g, np.uintp(i)])
+            total = np.float32(0.0)
+            for i in range(lo, hi):
+                e = expf(logit[g, np.uintp(i)] - top)
+                logit[g, np.uintp(i)] = e
+                total += e
+            m_part[row, c, part] = top
+            l_part[row, c, part] = np.float64(total)
+    for part, lo, hi in ((0, 0, nh), (1, nh, n)):  # weighted sums: each V row read once for the group
+        for i in range(lo, min(hi, lo + AHEAD)):
+            for j in range(0, dim, line):
+                prefetch(vals, kbase + idx[np.uintp(i)], j)
+        i = lo
+        while i + 2 <= hi:
+            for k in range(i + AHEAD, min(hi, i + AHEAD + 2)):
+                for j in range(0, dim, line):
+                    prefetch(vals, kbase + idx[np.uintp(k)], j)
+            ui = np.uintp(i)
+            v0, v1 = np.uintp(kbase + idx[ui]), np.uintp(kbase + idx[ui + 1])
+            for g in range(groups):
+                e0, e1 = logit[g, ui], logit[g, ui + 1]
+                acc = acc_part[np.uintp(row0 + g * tokens), c, part]
+                for j in range(dim):
+                    acc[j] += e0 * load_f32(vals[v0, j], half) + e1 * load_f32(vals[v1, j], half)
+            i += 2
+        if i < hi:
+            v0 = np.uintp(kbase + idx[np.uintp(i)])
+            for g in range(groups):
+                e0 = logit[g, np.uintp(i)]
+                acc = acc_part[np.uintp(row0 + g * tokens), c, part]
+                for j in range(dim):
+                    acc[j] += e0 * load_f32(vals[v0, j], half)
 
 
 @njit(**JIT)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dashkv.ops.cpu.attend import attend_chunk
-from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, compress16, mask_row, popcount, task_span
+from dashkv.ops.cpu.attend import attend_chunk, attend_shared
+from dashkv.ops.cpu.jit import FASTMATH, JIT, PJIT, compress16, mask_row, task_span
 from dashkv.ops.cpu.select import hamming_row, take_tie
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID
 
@@ -152,16 +152,17 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, union
     raw distance. One task is a (batch, KV head, chunk).
 
     ``group``: ``dist``, the thresholds, the mask rows and ``tiers`` are per (batch, KV head, token)
-    (:func:`selection_row`): the group's query heads share one selection, made once, and each head's
-    own raw distances of the selected keys (for the mid estimate) are recomputed from the codes.
-    ``union``: every head selects on its own rows, and each head attends to the union of the group's
-    selections (:func:`_union_chunk`), its distances recomputed the same way.
+    (:func:`selection_row`): the group's query heads share one selection, made once. ``union``: every
+    head selects on its own rows, and each head attends to the union of the group's selections
+    (:func:`_union_chunk`). Both attend with :func:`~dashkv.ops.cpu.attend.attend_shared` (each K and
+    V row read once for the group; each head's own raw distances of the selected keys, for the mid
+    estimate, recomputed from the codes).
 
     Writes ``parts`` (:class:`~dashkv.ops.cpu.step.Partials`): each (row, chunk)'s softmax partials,
     high and mid counts, and its selected keys (high first) with their unnormalised weights, read
     back by the merge, the prior and the dense weights."""
     nbatch, heads, tokens, words = qc.shape
-    keys, kc = rows.keys, rows.codes
+    keys = rows.keys
     kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
     th_h, nd_h, tb_h, th_m, nd_m, tb_m = tiers_at
     # written arrays as locals: numba loses a prange body's writes through a tuple's attribute
@@ -184,31 +185,41 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, union
         est = np.empty(s1 - s0, np.float32)
         in_high = np.empty(s1 - s0 if union else 0, np.uint8)
         in_mid = np.empty(s1 - s0 if union else 0, np.uint8)
-        nh = nm = n_mid = 0
+        shared = group or union  # one selection for the group's heads: attended together
+        dds = np.empty((groups if shared else 0, s1 - s0), np.int64)
+        logits = np.empty((groups if shared else 0, s1 - s0), np.float32)
+        ests = np.empty((groups if shared else 0, s1 - s0), np.float32)
         for t in range(tokens):
-            if union:
-                nh, nm, n_mid = _union_chunk(
-                    b, kvh, t, groups, kheads, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m,
-                    nd_m, tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd, in_high, in_mid,
-                )  # fmt: skip
+            if shared:
+                if union:
+                    nh, nm, n_mid = _union_chunk(
+                        b, kvh, t, groups, kheads, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h,
+                        th_m, nd_m, tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd, in_high,
+                        in_mid,
+                    )  # fmt: skip
+                else:
+                    nh, nm, n_mid = _select_chunk(
+                        selection_row(b, kvh, 0, t, kheads, groups, tokens, True), b, t, tokens, s0, s1, c, dist, off,
+                        has_off, masks, th_h, nd_h, tb_h, th_m, nd_m, tb_m, mid.on, tiers, want_tiers, high_f, mid_f,
+                        tie_f, idx, mids, ties, dd,
+                    )  # fmt: skip
+                attend_shared(q, qc, b, kvh, t, heads, tokens, rows, mid, kbase, scaling, idx, nh, nm, dds, logits,
+                              ests, c, m_part, l_part, acc_part, gap_part)  # fmt: skip
+                for g in range(groups):
+                    row = (b * heads + kvh * groups + g) * tokens + t
+                    _record(row, c, s0, nh, nm, n_mid, idx, logits[g], keep, nhigh_part, nmid_part, nkept_part,
+                            kept_keys, kept_weights)  # fmt: skip
+                continue
             for g in range(groups):
                 h = kvh * groups + g
                 row = (b * heads + h) * tokens + t
                 q0 = qc[b, h, t, 0]
                 q1 = qc[b, h, t, 1] if words > 1 else np.int64(0)
-                if not union and (g == 0 or not group):
-                    srow = selection_row(b, kvh, g, t, kheads, groups, tokens, group)
-                    nh, nm, n_mid = _select_chunk(
-                        srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m, nd_m,
-                        tb_m, mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
-                    )  # fmt: skip
-                if (group or union) and mid.on:  # this head's own raw distances of the shared selection
-                    for i in range(nh + nm):
-                        krow = np.uintp(kbase + idx[np.uintp(i)])
-                        d = popcount(q0 ^ kc[krow, 0])
-                        if words > 1:
-                            d += popcount(q1 ^ kc[krow, 1])
-                        dd[np.uintp(i)] = d
+                srow = selection_row(b, kvh, g, t, kheads, groups, tokens, False)
+                nh, nm, n_mid = _select_chunk(
+                    srow, b, t, tokens, s0, s1, c, dist, off, has_off, masks, th_h, nd_h, tb_h, th_m, nd_m, tb_m,
+                    mid.on, tiers, want_tiers, high_f, mid_f, tie_f, idx, mids, ties, dd,
+                )  # fmt: skip
                 a_row = qdc_row = np.float32(0.0)
                 if mid.on:
                     a_row = mid.temperature[h] * mid.query_norm[row]
@@ -217,13 +228,22 @@ def attend_kernel(q, qc, rows, masks, dist, off, has_off, tiers_at, group, union
                     q, row, rows, mid, kbase, scaling, idx, nh, nm, dd, logit, est, h, q0, q1, a_row, qdc_row,
                     m_part[row, c], l_part[row, c], acc_part[row, c], kept_weights, False,
                 )  # fmt: skip
-                nhigh_part[row, c] = nh
-                nmid_part[row, c] = n_mid
-                nkept_part[row, c] = nh + nm
-                if keep:  # after the softmax, logit holds each selected key's exp(logit - chunk max)
-                    for i in range(nh + nm):
-                        kept_keys[np.uintp(row), np.uintp(s0 + i)] = idx[np.uintp(i)]
-                        kept_weights[np.uintp(row), np.uintp(s0 + i)] = logit[np.uintp(i)]
+                _record(row, c, s0, nh, nm, n_mid, idx, logit, keep, nhigh_part, nmid_part, nkept_part, kept_keys,
+                        kept_weights)  # fmt: skip
+
+
+@njit(inline="always", **JIT)
+def _record(row, c, s0, nh, nm, n_mid, idx, weights, keep, nhigh_part, nmid_part, nkept_part, kept_keys,
+            kept_weights):  # fmt: skip
+    """A (row, chunk)'s tier counts and, where ``keep`` (the prior / the weights read them), its attended
+    keys with their unnormalised weights ``weights[:nh + nm]``."""
+    nhigh_part[row, c] = nh
+    nmid_part[row, c] = n_mid
+    nkept_part[row, c] = nh + nm
+    if keep:
+        for i in range(nh + nm):
+            kept_keys[np.uintp(row), np.uintp(s0 + i)] = idx[np.uintp(i)]
+            kept_weights[np.uintp(row), np.uintp(s0 + i)] = weights[np.uintp(i)]
 
 
 @njit(inline="always", **JIT)

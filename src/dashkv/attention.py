@@ -369,10 +369,10 @@ class DashKVRuntime:
         keys = key.shape[-2]
         dense_layer = layer_idx in cfg.dense_layers
         blocks = cfg.prefill == "blocks" and queries > 1  # a prefill chunk, in blocks of shared keys
-        # exact SDPA unless the weights are needed: the dense prefill, short caches (where it is the
-        # faster of the two) and dense layers whose weights no later layer reads (a block prefill keeps
-        # no momentum); a dense layer's single decode query takes the dense kernel, which reads a
-        # GQA group's K and V rows once (transformers' SDPA copies them per query head: 3x slower at 32K)
+        # exact attention unless the weights are needed: the dense prefill, short caches (where it is
+        # the faster of the two) and dense layers whose weights no later layer reads (a block prefill
+        # keeps no momentum); decode steps take the dense kernel, which reads a GQA group's K and V rows
+        # once (transformers' SDPA copies them per query head: 3x slower at 32K), prefills SDPA
         unread = queries > 1 and layer_idx not in self.prior_layers()
         if ((keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below
                 or (dense_layer and (blocks or not cfg.momentum or unread))):  # fmt: skip

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -156,12 +158,14 @@ def test_short_caches_attend_exactly_below_dense_below(tiny_qwen2):
         DashKVConfig(dense_below=-1)
 
 
-def test_short_decode_steps_take_the_dense_kernel_on_the_cpu(tiny_qwen2, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_short_decode_steps_take_the_dense_kernel_on_the_cpu(tiny_qwen2, monkeypatch, dtype):
     """Below ``dense_below`` a CPU decode step attends through the compiled dense kernel (reading a GQA
     group's K and V once), a prefill through transformers' SDPA; every step's output is the one plain
-    full attention gives, token for token."""
+    full attention gives, token for token (bfloat16 K and V are read as such)."""
     from dashkv.ops import cpu
 
+    tiny_qwen2 = copy.deepcopy(tiny_qwen2).to(dtype)  # the fixture is shared by the session
     enc = HashEncoders.random(tiny_qwen2, bits=32, seed=0)
     calls = []
     kernel = cpu.dense_attention

@@ -307,6 +307,28 @@ def test_fused_fractions_and_default_masks():
         cpu.dash_attention(q, k, v, qc, kc, 0.05, k_mid, 0.125)
 
 
+@pytest.mark.parametrize("share", ["head", "group", "union"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_step_reads_16_bit_keys_and_values_as_their_fp32_values(share, dtype):
+    """16-bit K and V (read raw, widened in the kernel) give the tiers and, up to the output's rounding,
+    the output of the same step over their exact fp32 values, for every sharing mode (the group's
+    shared attention reads them in its own loops)."""
+    batch, heads, kv_heads, tokens, keys, bits = 2, 8, 2, 3, 1500, 64
+    gen, qc, kc, visible = _case(11, batch, heads, kv_heads, tokens, keys, bits)
+    visible = visible[:, :1]  # shared by the query heads, as share="group" needs
+    always = _always(visible)
+    dist = ref.hamming_distance(qc, kc)
+    mid = _mid(gen, dist, qc, kc, bits, heads, kv_heads)
+    q = torch.randn(batch, heads, tokens, 64, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, keys, 64, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, keys, 64, generator=gen).to(dtype)
+    args = (qc, kc, 0.05, 0.15, 0.125, visible, always, mid)
+    half, _, tiers = cpu.dash_attention(q, k, v, *args, return_tiers=True, share=share)
+    wide, _, tiers_wide = cpu.dash_attention(q.float(), k.float(), v.float(), *args, return_tiers=True, share=share)
+    assert half.dtype == dtype and torch.equal(tiers, tiers_wide)
+    torch.testing.assert_close(half, wide.to(dtype), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------- dispatch
 
 

@@ -39,8 +39,7 @@ from dashkv.stats import TierStats
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "dashkv"
-DENSE_KERNEL_QUERIES = 4  # query tokens up to which exact attention on the CPU takes the dense kernel
-CPU_BACKEND = "dashkv.ops.cpu"  # the compiled backend's module: its dense kernel beats SDPA at decode
+DENSE_KERNEL_QUERIES = 4  # query tokens up to which exact attention takes a backend's dense kernel
 _PLANS_KEPT = 4  # plans an encoder keeps (backend, config, scaling): each holds a copy of its weights
 
 
@@ -374,22 +373,21 @@ class DashKVRuntime:
         # keeps no momentum); decode steps take the dense kernel, which reads a GQA group's K and V rows
         # once (transformers' SDPA copies them per query head: 3x slower at 32K), prefills SDPA
         unread = queries > 1 and layer_idx not in self.prior_layers()
+        ops = self._backend(query.device)
         if ((keys == queries and cfg.prefill == "dense") or keys < cfg.dense_below
                 or (dense_layer and (blocks or not cfg.momentum or unread))):  # fmt: skip
             self.stats.record_dense(layer_idx)
             if keys >= cfg.dense_below and not dense_layer:  # the next steps hash these keys: code them now,
                 self._cache_layer(layer_idx, key, coding=True)  # in one batch, not in the first tiered step
-            ops = self._backend(query.device)
-            if queries <= DENSE_KERNEL_QUERIES and ops.__name__ == CPU_BACKEND and not torch.is_grad_enabled():
-                # a decode step below dense_below: the compiled dense kernel reads a GQA group's K and V
-                # rows once (transformers' SDPA expands them per query head), in place in the cache
+            if queries <= DENSE_KERNEL_QUERIES and ops.DENSE_DECODE and not torch.is_grad_enabled():
+                # a decode step below dense_below: a backend's dense kernel that beats SDPA there (the
+                # CPU's reads a GQA group's K and V rows once, in place; SDPA expands them per query head)
                 visible, _ = self._mask(batch, queries, keys, attention_mask, query.device, always=False)
                 return dense_step(query, key, value, visible, scaling, ops, False).output.transpose(1, 2)
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
         visible, always = self._mask(batch, queries, keys, attention_mask, query.device, always=not blocks)
         if blocks:
             return self._block_prefill(layer_idx, query, key, value, visible, scaling)
-        ops = self._backend(query.device)
         if dense_layer:  # full attention, keeping its weights where the momentum prior reads them
             self.stats.record_dense(layer_idx)
             want_prior = layer_idx in self.prior_layers()

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dashkv.codes import pack_bits, sign_bits
-from dashkv.config import DEFAULT_BITS, SHARING, SUPPORTED_BITS
+from dashkv.config import DEFAULT_BITS, SHARING, SUPPORTED_BITS, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,7 @@ class HashEncoders(nn.Module):
 
     @share.setter
     def share(self, share: str) -> None:
-        if share not in SHARING:
-            raise ValueError(f"share={share!r} is not allowed; share must be one of {SHARING}")
-        self._share = share
+        self._share = check_choice("share", share, SHARING)
 
     def budget_scale(self, layer: int) -> float:
         """The multiplier of ``DashKVConfig.high`` for ``layer`` (1 unless :attr:`budget_scales` names it)."""

@@ -361,6 +361,7 @@ def test_every_backend_keeps_the_contract():
     if triton_interpreting():
         modules.append(pytest.importorskip("dashkv.ops.triton"))
     for module in modules:
+        assert isinstance(getattr(module, "DENSE_DECODE", None), bool), f"{module.__name__} lacks DENSE_DECODE"
         for name in names:
             fn = getattr(module, name, None)
             assert callable(fn), f"{module.__name__} lacks {name}"

@@ -20,6 +20,8 @@ from dashkv.ops.reference import LayerPlan, MidTierInputs, MidTierWeights, StepI
 class Backend(Protocol):
     """The kernel contract (shapes and meaning: :mod:`dashkv.ops.reference`)."""
 
+    DENSE_DECODE: bool  # its dense_attention beats transformers' SDPA on a decode step's few queries
+
     def encode_query(self, encoder, query: torch.Tensor) -> torch.Tensor: ...
 
     def encode_key(self, encoder, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...

@@ -301,6 +301,9 @@ def tiered_attention(
     return (probs @ v).to(query.dtype), probs
 
 
+DENSE_DECODE = False  # dense_attention is the tiered one with every key high: SDPA is faster
+
+
 def dense_attention(
     query: torch.Tensor,
     key: torch.Tensor,

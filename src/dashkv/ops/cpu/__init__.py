@@ -53,7 +53,10 @@ from dashkv.ops.cpu.encode import encode_key, encode_query
 from dashkv.ops.cpu.layer import dash_attention, decode_step, layer_step, plan_layer
 from dashkv.ops.reference import HIDDEN, HIGH, LOW, MID, MidTierInputs, budget_counts, expand_kv
 
+DENSE_DECODE = True  # the dense kernel reads a GQA group's K and V once: faster than SDPA at decode
+
 __all__ = [
+    "DENSE_DECODE",
     "CHUNK",
     "HIDDEN",
     "HIGH",

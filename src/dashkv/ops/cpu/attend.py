@@ -65,6 +65,20 @@ def estimates(
         out[ui] = logit + (sum_h - np.float32(2.0) * res)
 
 
+@njit(fastmath=FASTMATH, inline="always", **JIT)
+def exp_weights(logit, lo, hi):
+    """``(max, sum exp)`` of ``logit[lo:hi]`` (``hi > lo``), each logit replaced by ``exp(logit - max)``."""
+    m = logit[lo]
+    for i in range(lo + 1, hi):  # vectorised (unsigned indices: no wraparound checks)
+        m = max(m, logit[np.uintp(i)])
+    total = np.float32(0.0)
+    for i in range(lo, hi):
+        e = expf(logit[np.uintp(i)] - m)
+        logit[np.uintp(i)] = e
+        total += e
+    return m, total
+
+
 @njit(fastmath=FASTMATH, **JIT)
 def softmax_part(logit, lo, hi, idx, vals, half, kbase, acc, probs, row, want_probs):
     """``(max, sum exp)`` of ``logit[lo:hi]`` and ``acc = sum exp * v`` (V rows of those keys only)."""
@@ -77,14 +91,7 @@ def softmax_part(logit, lo, hi, idx, vals, half, kbase, acc, probs, row, want_pr
     for i in range(lo, min(hi, lo + AHEAD)):
         for j in range(0, dim, line):
             prefetch(vals, kbase + idx[i], j)
-    m = logit[lo]
-    for i in range(lo + 1, hi):  # vectorised (unsigned indices: no wraparound checks)
-        m = max(m, logit[np.uintp(i)])
-    total = np.float32(0.0)
-    for i in range(lo, hi):
-        e = expf(logit[np.uintp(i)] - m)
-        logit[np.uintp(i)] = e
-        total += e
+    m, total = exp_weights(logit, lo, hi)
     i = lo
     while i + 4 <= hi:  # four rows a pass: acc is read and written once for four keys
         for k in range(i + AHEAD, min(hi, i + AHEAD + 4)):
@@ -231,14 +238,7 @@ def attend_shared(
                 m_part[row, c, part] = -np.inf
                 l_part[row, c, part] = 0.0
                 continue
-            top = logit[g, np.uintp(lo)]
-            for i in range(lo + 1, hi):  # vectorised
-                top = max(top, logit[g, np.uintp(i)])
-            total = np.float32(0.0)
-            for i in range(lo, hi):
-                e = expf(logit[g, np.uintp(i)] - top)
-                logit[g, np.uintp(i)] = e
-                total += e
+            top, total = exp_weights(logit[g], lo, hi)
             m_part[row, c, part] = top
             l_part[row, c, part] = np.float64(total)
     for part, lo, hi in ((0, 0, nh), (1, nh, n)):  # weighted sums: each V row read once for the group

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dashkv.config import SHARING
+from dashkv.config import SHARING, check_choice
 from dashkv.ops.cpu import api
 from dashkv.ops.cpu import views as vw
 from dashkv.ops.cpu.encode import NO_ENCODER, encode_query, few_rows
@@ -184,8 +184,7 @@ def dash_attention(
     """
     if isinstance(k_high, float) != isinstance(k_mid, float):
         raise ValueError("k_high and k_mid must both be fractions (float) or both key counts (tensors)")
-    if share not in SHARING:
-        raise ValueError(f"share={share!r} is not supported; choose one of {SHARING}")
+    check_choice("share", share, SHARING)
     if spatial_step > 0 or temporal_step > 0:
         raise ValueError(f"discounts must be <= 0, got spatial_step={spatial_step}, temporal_step={temporal_step}")
     vw.check_cpu(query, key, value, query_codes, key_codes)

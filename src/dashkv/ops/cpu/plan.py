@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dashkv.config import SHARING
+from dashkv.config import SHARING, check_choice
 from dashkv.ops.cpu.encode import KeyEncoder, QueryEncoder, key_encoder, query_encoder
 from dashkv.ops.cpu.step import Budget, Calibration, MidTier
 from dashkv.ops.cpu.tables import byte_tables, cos_table
@@ -61,8 +61,7 @@ def mid_tier(mid: MidTierWeights, heads: int, bits: int, words: int) -> MidTier:
 def plan_layer(encoder, settings: StepSettings, mid: MidTierWeights | None) -> LayerPlan:
     """The CPU plan of one layer: ``encoder`` (a :class:`~dashkv.encoders.LayerHashEncoder`, or None when
     every call brings its query codes), the step's settings and the mid-tier weights."""
-    if settings.share not in SHARING:
-        raise ValueError(f"share={settings.share!r} is not supported; choose one of {SHARING}")
+    check_choice("share", settings.share, SHARING)
     if settings.spatial_step > 0 or settings.temporal_step > 0:
         raise ValueError(
             f"discounts must be <= 0, got spatial_step={settings.spatial_step}, temporal_step={settings.temporal_step}"

@@ -39,7 +39,10 @@ from dashkv.ops.triton.api import (
 from dashkv.ops.triton.common import CHUNK
 from dashkv.ops.triton.encode import encode_key, encode_query
 
+DENSE_DECODE = False  # the dense step is torch ops here: SDPA (flash attention) is the faster one
+
 __all__ = [
+    "DENSE_DECODE",
     "CHUNK",
     "HIDDEN",
     "HIGH",

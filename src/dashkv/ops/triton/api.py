@@ -24,7 +24,7 @@ from dashkv.ops.reference import (
     plan_layer,  # noqa: F401 - the reference's plan: nothing to prepare on the GPU
     union_tiers,
 )
-from dashkv.config import SHARING
+from dashkv.config import SHARING, check_choice
 from dashkv.ops.triton import common
 from dashkv.ops.triton.attend import attend_kernel, merge_kernel, weights_kernel
 from dashkv.ops.triton.common import BLOCK_M, pow2
@@ -332,8 +332,7 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
                  visible=inputs.visible, always=inputs.always)  # fmt: skip
     if settings.share == "union":
         return _union_step(inputs, settings, mid)
-    if settings.share not in ("head", "group"):
-        raise ValueError(f"share={settings.share!r} is not supported; choose one of {SHARING}")
+    check_choice("share", settings.share, SHARING)
     if settings.spatial_step > 0 or settings.temporal_step > 0:
         raise ValueError(f"discounts must be <= 0, got spatial_step={settings.spatial_step}, "
                          f"temporal_step={settings.temporal_step}")  # fmt: skip

@@ -541,6 +541,31 @@ def _qwen3_window(env):
     _enter(model, HashEncoders.random(model, bits=32), DashKVConfig(bits=32))
 
 
+class _KeysFromBuffer(torch.nn.Module):
+    """A key projection whose weight is a buffer, not a parameter (as fused or swapped projections)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.register_buffer("kernel", linear.weight.detach().clone())
+        self.register_buffer("offset", linear.bias.detach().clone() if linear.bias is not None else None)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.kernel, self.offset)
+
+
+@case("a model without a k_proj.weight parameter runs and says its fingerprint cannot be checked", WARNS,
+      "k_proj.weight", "fingerprint")  # fmt: skip
+def _no_key_weight(env):
+    model = copy.deepcopy(env.model)
+    enc = HashEncoders.random(model, bits=32)  # made while the model still had its projections
+    for layer in model.model.layers:
+        layer.self_attn.k_proj = _KeysFromBuffer(layer.self_attn.k_proj)
+    model = env.other(model)
+    with dashkv.enable(model, enc, DashKVConfig(bits=32, dense_layers=(), window=8, dense_below=0)) as stats:
+        out = model.generate(env.ids(40), max_new_tokens=3, do_sample=False)
+    assert stats.summary() and out.shape[1] == 43
+
+
 @case("NaN queries", ValueError, "NaN")
 def _nan_query(env):
     handle = env.model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: o * float("nan"))

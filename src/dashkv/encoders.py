@@ -58,12 +58,16 @@ def model_shape(model: nn.Module) -> dict:
     }
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short digest of the model's first key projection, to tell fine-tunes of one shape apart.
+def model_fingerprint(model: nn.Module) -> str | None:
+    """A short digest of the model's first key projection, to tell fine-tunes of one shape apart; None
+    where the model has no ``k_proj.weight`` parameter to read (a fused or swapped projection).
 
     Rounded to 2 decimals of the weight statistics so that dtype changes (fp32, bf16) keep it.
     """
-    weight = next(p for n, p in model.named_parameters() if "k_proj.weight" in n).detach().float()
+    weight = next((p for n, p in model.named_parameters() if "k_proj.weight" in n), None)
+    if weight is None:
+        return None
+    weight = weight.detach().float()
     stats = torch.stack([weight.mean(), weight.std(), weight.abs().max(), weight[0].sum(), weight[:, 0].sum()])
     text = ",".join(f"{v:.2f}" for v in stats.tolist())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -263,12 +267,20 @@ class HashEncoders(nn.Module):
                 f"encoders were made for a model of shape {mine} ({self.shape.get('model_type')}), "
                 f"but the model has shape { {k: theirs[k] for k in keys} } ({theirs['model_type']})"
             )
-        if self.fingerprint is not None and self.fingerprint != model_fingerprint(model):
+        if self.fingerprint is None:
+            return
+        theirs = model_fingerprint(model)
+        if theirs is None:
+            logger.warning(
+                "the model has no k_proj.weight parameter (a fused or swapped key projection): the encoders' "
+                "fingerprint %s cannot be checked against it", self.fingerprint,
+            )  # fmt: skip
+        elif theirs != self.fingerprint:
             logger.warning(
                 "encoders were trained for another model of the same shape (fingerprint %s, model %s); "
                 "their codes may rank keys poorly",
                 self.fingerprint,
-                model_fingerprint(model),
+                theirs,
             )
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:

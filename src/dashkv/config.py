@@ -107,8 +107,8 @@ class DashKVConfig:
     share : str or None
         None (the default): what the encoders were measured to run best with (``HashEncoders.share``:
         ``"head"`` for the default model's, ``"union"`` for Gemma-3-270M's); ``"head"``: each query
-        head chooses its own tiers; ``"group"``: one choice per KV head from the
-        summed distances of its GQA group's query heads, so each K/V row is read once per group
+        head chooses its own tiers; ``"group"``: one choice per KV head, by each key's distance to
+        the nearest of its GQA group's query heads, so each K/V row is read once per group
         (consensus then counts the votes of the groups); ``"union"``: each head chooses as with
         ``"head"``, and every head of a GQA group attends to what any of them chose (a key high for
         one head is high for all, else mid if mid for one): the rows per-head tiers read anyway, all

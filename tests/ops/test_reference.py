@@ -6,8 +6,11 @@ from dashkv.ops.reference import (
     HIGH,
     LOW,
     MID,
+    StepInputs,
+    StepSettings,
     assign_tiers,
     budget_counts,
+    decode_step,
     kth_smallest,
     select_smallest,
     tiered_attention,
@@ -106,3 +109,24 @@ def test_anchor_offset_removes_a_constant_bias_of_the_estimate():
     offset = anchor_offset(exact, exact + shift, tiers)
     torch.testing.assert_close(offset, (-shift).expand(1, 2, 3, 1))
     assert (anchor_offset(exact, exact + 3, torch.full_like(tiers, MID)) == 0).all()  # no high keys, no shift
+
+
+def test_group_tiers_rank_a_key_by_its_nearest_query_head():
+    """``share="group"`` keeps a key that one head of the group matches exactly, even where the group's
+    other heads are as far from it as a code can be (a sum of the heads' distances ranked it last)."""
+    gen = torch.Generator().manual_seed(3)
+    keys, needle = 200, 123
+    key_codes = torch.randint(-(2**62), 2**62, (1, 1, keys, 1), generator=gen)
+    query_codes = torch.randint(-(2**62), 2**62, (1, 3, 1, 1), generator=gen)
+    key_codes[0, 0, needle, 0] = query_codes[0, 0, 0, 0]  # head 0: distance 0
+    query_codes[0, 1:, 0, 0] = ~query_codes[0, 0, 0, 0]  # heads 1 and 2: distance 64, the farthest
+    visible = torch.ones(1, 1, 1, keys, dtype=torch.bool)
+    tensors = torch.randn(3, 1, 1, keys, 8, generator=gen)
+    inputs = StepInputs(torch.randn(1, 3, 1, 8, generator=gen), tensors[0], tensors[1], query_codes, key_codes,
+                        tensors[2, :, :, :, 0].abs(), visible, torch.zeros_like(visible), None)  # fmt: skip
+    settings = StepSettings(high=0.02, mid=0.0, bits=64, share="group", min_votes=0, spatial_step=0, temporal_step=0,
+                            momentum_ratio=4.0, momentum_decay=0.5, scaling=8**-0.5, want_prior=False,
+                            want_weights=True)  # fmt: skip
+    tiers = decode_step(inputs, settings, None).tiers
+    assert (tiers[0, :, 0, needle] == HIGH).all()  # high for all three heads
+    assert int((tiers[0, 0, 0] == HIGH).sum()) == 4  # 2 % of 200 keys

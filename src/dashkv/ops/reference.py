@@ -393,11 +393,10 @@ class StepSettings(NamedTuple):
     ----------
     high, mid : float -- shares of each row's eligible keys (outside ``always``) for the two tiers
     bits : int -- code length ``R``
-    share : str -- ``"head"``: tiers per query head; ``"group"``: once per KV head from the summed
-        raw distances of its query heads (range ``[0, G R]``, ``G = H / Hkv``)
+    share : str -- ``"head"``: tiers per query head; ``"group"``: once per KV head, by each key's raw
+        distance to the nearest of the group's query heads (:func:`group_distance`)
     min_votes : int -- consensus: selections (query heads, or groups) a key needs; 0 turns it off
-    spatial_step, temporal_step : int -- discounts in whole bits of one head's distance (``<= 0``;
-        multiplied by ``G`` on summed distances)
+    spatial_step, temporal_step : int -- discounts in whole bits of a distance (``<= 0``)
     momentum_ratio : float -- momentum marks keys whose prior is at least this many times uniform
     momentum_decay : float -- weight of the old prior in the updated one
     scaling : float -- the model's ``1 / sqrt(D)``
@@ -448,9 +447,11 @@ class StepOutputs(NamedTuple):
 
 
 def group_distance(raw: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Raw distances of a GQA group's query heads summed per KV head: ``[B, H, T, S] -> [B, Hkv, T, S]``."""
+    """Each key's raw distance to the nearest query head of its GQA group: ``[B, H, T, S] -> [B, Hkv,
+    T, S]``. The nearest, not the sum: a key that one head needs stays near however far the group's
+    other heads are (a sum let them outvote a retrieval head; measured in docs/method.md)."""
     b, h, t, s = raw.shape
-    return raw.view(b, kv_heads, h // kv_heads, t, s).sum(2, dtype=torch.int32)
+    return raw.view(b, kv_heads, h // kv_heads, t, s).amin(2)
 
 
 def union_tiers(tiers: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -475,16 +476,15 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     k_high = budget_counts(n_eligible, settings.high)
     k_mid = budget_counts(n_eligible, settings.high + settings.mid) - k_high
     raw = hamming_distance(inputs.query_codes, inputs.key_codes)
-    group = settings.share == "group"
-    dist, scale = (group_distance(raw, kv_heads), heads // kv_heads) if group else (raw, 1)
-    hi = settings.bits * scale
+    dist = group_distance(raw, kv_heads) if settings.share == "group" else raw
+    hi = settings.bits
     spatial = temporal = None
     if settings.min_votes > 0 and settings.spatial_step != 0:
         votes = select_smallest(dist, eligible, k_high, 0, hi).sum(1, keepdim=True)
         spatial = votes >= settings.min_votes
     if inputs.prior is not None and settings.temporal_step != 0:
         temporal = momentum_mask(inputs.prior, visible, settings.momentum_ratio)
-    dist, lo = calibrate(dist, spatial, temporal, settings.spatial_step * scale, settings.temporal_step * scale)
+    dist, lo = calibrate(dist, spatial, temporal, settings.spatial_step, settings.temporal_step)
     tiers = expand_kv(assign_tiers(dist, visible, always, k_high, k_mid, lo, hi), heads)
     if settings.share == "union":
         tiers = union_tiers(tiers, kv_heads)

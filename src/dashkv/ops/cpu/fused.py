@@ -38,8 +38,8 @@ def distance_kernel(qc, rows, masks, bins, dist, hist, chunk, group):
     """Raw Hamming distances of every query row into ``dist [B*H*T, S]`` (one byte a key where ``64 W <
     255``) and per (row, chunk) histograms of the eligible keys, bins of :func:`thresholds` with ``lo =
     0``. One task is a (batch, KV head, chunk): the chunk's codes are read from memory once for the
-    whole GQA group. ``group``: rows are (batch, KV head, token) and hold the distances summed over the
-    group's query heads (``dist [B*Hkv*T, S]``)."""
+    whole GQA group. ``group``: rows are (batch, KV head, token) and hold each key's distance to the
+    nearest of the group's query heads (``dist [B*Hkv*T, S]``)."""
     nbatch, heads, tokens, words = qc.shape
     kc, vis, vdims = rows.codes, masks.vis, masks.dims
     kheads, seq, kstride = rows.kv_heads, rows.length, rows.stride
@@ -58,7 +58,7 @@ def distance_kernel(qc, rows, masks, bins, dist, hist, chunk, group):
                 row = (b * kheads + kvh) * tokens + t if group else (b * heads + h) * tokens + t
                 mr = mask_row(row, vdims)
                 hamming_row(qc, b, h, t, kc, kbase, s0, s1, dist, row, False)
-                for extra in range(1, groups if group else 1):  # the group's other heads, summed
+                for extra in range(1, groups if group else 1):  # the group's other heads: the nearest
                     hamming_row(qc, b, h + extra, t, kc, kbase, s0, s1, dist, row, True)
                 r, m = np.uintp(row), np.uintp(mr)
                 for i in range(s1 - s0):  # vectorised

@@ -36,8 +36,7 @@ def _run_step(q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mi
     seq = kv.length
     group = calib.group
     sel_heads = kv.kv_heads if group else heads
-    dist, off = step_scratch(nbatch * sel_heads * tokens, nbatch * tokens, seq, calib.top * (heads // sel_heads),
-                             group)  # fmt: skip
+    dist, off = step_scratch(nbatch * sel_heads * tokens, nbatch * tokens, seq, calib.top)
     out = np.empty((nbatch * heads * tokens, q.shape[1]), np.float32)
     counts, prior_np, probs, tiers = step_kernel(
         q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mid, prior, scaling, want_weights,
@@ -173,7 +172,7 @@ def dash_attention(
         for the spatial discount; 0 turns consensus off
     spatial_step, temporal_step : int, ``<= 0`` -- the discounts in whole bits of one head's distance
     temporal : Tensor[B, 1, T, S] bool or None -- the momentum mask
-    share : ``"head"``, ``"group"`` (tiers per KV head from the group's summed distances; masks
+    share : ``"head"``, ``"group"`` (tiers per KV head from each key's distance to the group's nearest head; masks
         must then be the same for every query head) or ``"union"`` (per-head tiers joined over the group)
 
     Returns

@@ -27,8 +27,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def step_scratch(rows: int, offset_rows: int, seq: int, top: int, group: bool) -> tuple[np.ndarray, np.ndarray]:
+def step_scratch(rows: int, offset_rows: int, seq: int, top: int) -> tuple[np.ndarray, np.ndarray]:
     """The fused step's distances ``[rows, S]`` (one byte a key while ``top`` fits) and per-key offsets
-    ``[offset_rows, S]`` (int8, or int16 on a GQA group's summed distances), uninitialised."""
+    ``[offset_rows, S]`` (int8), uninitialised."""
     dist = scratch("dist", (rows, seq), dist_dtype(top))
-    return dist, scratch("off", (offset_rows, seq), np.int16 if group else np.int8)
+    return dist, scratch("off", (offset_rows, seq), np.int8)

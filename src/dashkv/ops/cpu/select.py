@@ -68,24 +68,26 @@ def thresholds(hist, kvals, lo, bins):
 
 
 @njit(**JIT)
-def hamming_row(qc, b, h, t, kc, kbase, s0, s1, out, row, add):
+def hamming_row(qc, b, h, t, kc, kbase, s0, s1, out, row, nearest):
     """Hamming distances of query code ``qc[b, h, t]`` to key codes ``kc[kbase + s0 : kbase + s1]`` into
-    ``out[row, s0:s1]`` (added to it where ``add``: a GQA group's summed distances). One loop per word
-    count and mode, so that each vectorises (``vpopcntq`` where the CPU has it); ``out`` is passed
-    whole: a row slice would be typed as a non-contiguous array and the loops would not vectorise.
+    ``out[row, s0:s1]`` (where ``nearest``, the smaller of it and what ``out`` holds: a key's distance to
+    the nearest of several queries). One loop per word count and mode, so that each vectorises
+    (``vpopcntq`` where the CPU has it); ``out`` is passed whole: a row slice would be typed as a
+    non-contiguous array and the loops would not vectorise.
 
     Hot loops here index with ``np.uintp``: numba wraps negative signed indices around, and that
     check alone keeps LLVM from vectorising a loop (4-5x slower)."""
     words = kc.shape[1]
     q0 = qc[b, h, t, 0]
     r = np.uintp(row)
-    if words == 1 and not add:
+    if words == 1 and not nearest:
         for s in range(s0, s1):
             out[r, np.uintp(s)] = popcount(q0 ^ kc[np.uintp(kbase + s), 0])
     elif words == 1:
         for s in range(s0, s1):
-            out[r, np.uintp(s)] += popcount(q0 ^ kc[np.uintp(kbase + s), 0])
-    elif words == 2 and not add:
+            u = np.uintp(s)
+            out[r, u] = min(out[r, u], popcount(q0 ^ kc[np.uintp(kbase + s), 0]))
+    elif words == 2 and not nearest:
         q1 = qc[b, h, t, 1]
         for s in range(s0, s1):
             k = np.uintp(kbase + s)
@@ -93,14 +95,14 @@ def hamming_row(qc, b, h, t, kc, kbase, s0, s1, out, row, add):
     elif words == 2:
         q1 = qc[b, h, t, 1]
         for s in range(s0, s1):
-            k = np.uintp(kbase + s)
-            out[r, np.uintp(s)] += popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1])
+            k, u = np.uintp(kbase + s), np.uintp(s)
+            out[r, u] = min(out[r, u], popcount(q0 ^ kc[k, 0]) + popcount(q1 ^ kc[k, 1]))
     else:
         for s in range(s0, s1):
             acc = 0
             for w in range(words):
                 acc += popcount(qc[b, h, t, w] ^ kc[np.uintp(kbase + s), w])
-            out[r, np.uintp(s)] = acc + (out[r, np.uintp(s)] if add else 0)
+            out[r, np.uintp(s)] = min(out[r, np.uintp(s)], acc) if nearest else acc
 
 
 @njit(**PJIT)
@@ -131,16 +133,11 @@ def block_distance_kernel(qc, kc, kheads, kstride, block, out):
     blocks = (tokens + block - 1) // block
     for task in prange(nbatch * kheads * blocks):
         b, kvh, j, kbase, _, _ = task_span(task, blocks, kheads, kbatch, seq, seq, kstride)
-        row = np.empty((1, seq), np.int32)
-        r = np.uintp(task)
         for s in range(seq):
-            out[r, np.uintp(s)] = 64 * words + 1
+            out[np.uintp(task), np.uintp(s)] = 64 * words + 1
         for g in range(groups):
             for t in range(j * block, min(tokens, (j + 1) * block)):
-                hamming_row(qc, b, kvh * groups + g, t, kc, kbase, 0, seq, row, 0, False)
-                for s in range(seq):
-                    u = np.uintp(s)
-                    out[r, u] = min(out[r, u], row[0, u])
+                hamming_row(qc, b, kvh * groups + g, t, kc, kbase, 0, seq, out, task, True)
     return out
 
 

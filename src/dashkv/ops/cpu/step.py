@@ -34,8 +34,8 @@ class Budget(NamedTuple):
 class Calibration(NamedTuple):
     """Cross-head consensus and cross-layer momentum of one step (:mod:`dashkv.calibration`).
 
-    ``top``: one head's largest raw distance (``R``); ``group``: selection per KV head on summed
-    distances; ``min_votes``: 0 turns consensus off; ``spatial_step`` / ``temporal_step``: the
+    ``top``: the largest raw distance (``R``); ``group``: selection per KV head on each key's distance
+    to the nearest of the group's query heads; ``min_votes``: 0 turns consensus off; ``spatial_step`` / ``temporal_step``: the
     discounts in whole bits (``<= 0``). Momentum marks keys by ``prior * visible keys >=
     momentum_ratio``, or, where ``temporal_given``, by the mask ``temporal [B*T, S]`` uint8. ``union``:
     each head selects alone and every head of a GQA group attends to the union (``share="union"``)."""
@@ -253,8 +253,7 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
     kheads, seq = rows.kv_heads, rows.length
     group = calib.group
     sel_heads = kheads if group else heads
-    scale = heads // kheads if group else 1
-    hi = calib.top * scale
+    hi = calib.top
     srows = nbatch * sel_heads * tokens
     nch = (seq + chunk - 1) // chunk
     raw_bins = hi + 1  # raw distances 0..hi
@@ -273,7 +272,7 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
     time_on = (calib.temporal_given or prior.given) and calib.temporal_step != 0
     votes_on = calib.min_votes > 0 and calib.spatial_step != 0
     calibrated = votes_on or time_on
-    lo = ((calib.spatial_step if votes_on else 0) + (calib.temporal_step if time_on else 0)) * scale
+    lo = (calib.spatial_step if votes_on else 0) + (calib.temporal_step if time_on else 0)
     if calibrated:
         votes_at = thresholds(hist, kh, 0, raw_bins)
         bins = hi - lo + 1  # calibrated distances lo..hi
@@ -281,7 +280,7 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
         hist = np.empty((srows, nch, bins + 4), np.int32)
         calibrate_kernel(
             dist, masks, sel_heads, tokens, votes_at, calib.min_votes if votes_on else 0,
-            calib.spatial_step * scale, temporal, time_on, calib.temporal_step * scale, off, lo, bins, raw_hist, hist,
+            calib.spatial_step, temporal, time_on, calib.temporal_step, off, lo, bins, raw_hist, hist,
             chunk,
         )  # fmt: skip
     tiers_at = thresholds(hist, kh, lo, bins) + thresholds(hist, kh + km, lo, bins)

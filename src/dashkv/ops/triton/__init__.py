@@ -14,7 +14,7 @@ unless the weights or the momentum prior are asked for:
    from K rows of high keys, estimates from the codes for mid keys, V rows of high and mid keys only;
    a merge of the chunk partials with the anchor offset; the weights and prior if wanted.
 
-Tiers per query head (``share="head"``) or per GQA group (``share="group"``, from summed distances);
+Tiers per query head (``share="head"``) or per GQA group (``share="group"``, by the nearest head);
 ``share="union"`` joins the per-head tiers over each group and attends in a second pass.
 fp16 / bf16 / fp32 inputs (fp32 accumulation); batches with padding; any number of query tokens.
 

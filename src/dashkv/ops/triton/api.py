@@ -355,10 +355,9 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
             empty if settings.want_weights else None, empty.to(torch.int8) if settings.want_weights else None,
         )  # fmt: skip
     group = settings.share == "group"
-    scale = heads // kheads if group else 1
     sel_heads = kheads if group else heads
     srows = nbatch * sel_heads * tokens
-    hi = int(settings.bits) * scale
+    hi = int(settings.bits)
     code, count, visible_total = _step_masks(inputs.visible, inputs.always, (nbatch, sel_heads, tokens, seq))
     chunk, _, nch = _chunking(seq)
     qc, kc = inputs.query_codes, inputs.key_codes
@@ -371,7 +370,7 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
     )  # fmt: skip
     votes_on = settings.min_votes > 0 and settings.spatial_step != 0
     time_on = inputs.prior is not None and settings.temporal_step != 0
-    lo = ((settings.spatial_step if votes_on else 0) + (settings.temporal_step if time_on else 0)) * scale
+    lo = (settings.spatial_step if votes_on else 0) + (settings.temporal_step if time_on else 0)
     off = None
     high, both = float(settings.high), float(settings.high) + float(settings.mid)
     if votes_on or time_on:
@@ -381,8 +380,8 @@ def decode_step(inputs: StepInputs, settings: StepSettings, mid: MidTierWeights 
         prior = inputs.prior.to(torch.float32).contiguous() if time_on else _dummy(device, torch.float32)
         calibrate_kernel[(nbatch * tokens, nch)](
             dist, code, *code.stride(), thr, need, tie_base, prior, count, float(settings.momentum_ratio), off, hist,
-            sel_heads, tokens, seq, nch, int(settings.min_votes), int(settings.spatial_step) * scale,
-            int(settings.temporal_step) * scale, lo, VOTES=votes_on, TEMPORAL=time_on, CHUNK=chunk, NBP=hist.shape[2],
+            sel_heads, tokens, seq, nch, int(settings.min_votes), int(settings.spatial_step),
+            int(settings.temporal_step), lo, VOTES=votes_on, TEMPORAL=time_on, CHUNK=chunk, NBP=hist.shape[2],
         )  # fmt: skip
         del raw_hist
     thr, need, tie_base = _thresholds(hist, lo, hi - lo + 1, fractions=(high, both))

@@ -35,8 +35,8 @@ def scan_kernel(
     """Raw distances of every selection row into ``dist [rows, S]`` and, if ``WANT_HIST``, histograms of
     the eligible keys' (mask code 1) distances into ``hist [rows, NCH, NBP]`` (bin = distance).
 
-    Rows are (batch, query head, token); with ``GROUP`` (batch, KV head, token), holding the distances
-    summed over the group's query heads. Grid: ``(B * HKV, NCH)``.
+    Rows are (batch, query head, token); with ``GROUP`` (batch, KV head, token), holding each key's
+    distance to the nearest of the group's query heads. Grid: ``(B * HKV, NCH)``.
     """
     pid = tl.program_id(0)
     c = tl.program_id(1)
@@ -52,9 +52,10 @@ def scan_kernel(
             t = r
             h = kvh * G
             srow = (b * HKV + kvh) * T + t
-            d = tl.zeros([CHUNK], tl.int32)
-            for g in range(G):
-                d += _hamming(qc_ptr, b * qcsb + (h + g) * qcsh + t * qcst, qcsw, kc_ptr, k_off, kcsw, inb, W)
+            d = _hamming(qc_ptr, b * qcsb + h * qcsh + t * qcst, qcsw, kc_ptr, k_off, kcsw, inb, W)
+            for g in range(1, G):
+                d = tl.minimum(d, _hamming(qc_ptr, b * qcsb + (h + g) * qcsh + t * qcst, qcsw, kc_ptr, k_off, kcsw,
+                                           inb, W))  # fmt: skip
         else:
             t = r % T
             h = kvh * G + r // T

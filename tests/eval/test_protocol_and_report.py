@@ -101,6 +101,26 @@ def test_perplexity_change_is_paired_by_document():
     assert rows["dashkv"]["ppl"] == pytest.approx(15.5)
 
 
+def test_plots_draw_every_method_and_none_without_retrieval(tmp_path, monkeypatch):
+    """``--tasks none`` (fidelity alone) writes no retrieval plot or table instead of failing at the end of
+    the run, and methods outside the report's usual order (the sharing modes) are drawn too."""
+    fidelity = [{"task": "fidelity", "length": 2048, "sample": 0, "method": m, "budget": b, "kl": 0.0, "ppl": 1.0}
+                for m, b in (("full", None), ("dashkv-group", 0.05))]  # fmt: skip
+    assert report.plots(report.summarize(fidelity), tmp_path) == []
+    assert report.markdown(report.summarize(fidelity)).startswith("### Fidelity")  # no empty retrieval table
+    drawn = []
+    import matplotlib.axes
+
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k["label"]) or plot(ax, *a, **k))
+    records = [_record("multikey", 0, "full", None, [True])] + [
+        _record("multikey", 0, m, b, [True], mid_share=0.15) for m in ("dashkv-head", "dashkv-group") for b in (0.02, 0.05)
+    ]  # fmt: skip
+    written = report.plots(report.summarize(records), tmp_path)
+    assert [p.name for p in written] == ["score_vs_budget.png", "tasks_at_budget.png"]
+    assert drawn == ["dashkv-group", "dashkv-head"]
+
+
 def test_store_resumes_and_skips_a_torn_line(tmp_path):
     store = ResultStore(tmp_path / "r.jsonl")
     store.add(_record("passkey", 0, "full", None, [True]))

@@ -155,6 +155,24 @@ def test_recalls_at_several_budgets_equal_one_budget_at_a_time(tiny_qwen2):
         assert several[0] <= several[2] <= several[1]  # selections are nested
 
 
+def test_recall_follows_the_tier_sharing(tiny_qwen2):
+    """The recall of ``share="group"`` is that of one selection per KV head by each key's nearest query
+    head (the reference's), and ``"union"``'s at least per-head's (every head keeps its own keys)."""
+    from dashkv.ops import reference as ref
+    from dashkv.training.quality import eligible_mask, mass_recall
+
+    encoder = HashEncoders.random(tiny_qwen2, bits=32, seed=0).layers[0]
+    signals = _planted(0)
+    k, q, p = signals.keys[0], signals.queries[0], signals.positions[0]
+    head, group, union = (recall_at(encoder, q, k, p, 0.1, 2, 8, 0.25, share) for share in ("head", "group", "union"))
+    assert union >= head and group != head
+    eligible = eligible_mask(p, k.shape[1], 2, 8)[None, None]
+    dist = ref.group_distance(ref.hamming_distance(encoder.encode_query(q[None]), encoder.encode_key(k[None])[0]), 2)
+    chosen = ref.select_smallest(dist, eligible, ref.budget_counts(eligible.sum(-1), 0.1), 0, 32)
+    expected = mass_recall(teacher_probs(q, k, p, 0.25), expand_kv(chosen, 6)[0], eligible[0].expand(6, -1, -1))
+    assert group == pytest.approx(float(expected), abs=1e-6)
+
+
 def _train_all(model, tmp_path, workers, name, resume_from=None):
     from dashkv.training.collect import collect
     from dashkv.training.train import train_encoders

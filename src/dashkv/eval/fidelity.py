@@ -8,7 +8,7 @@ next-token distributions averaged over the block, and the perplexity of the bloc
 Attention-mass recall (:func:`dashkv.training.quality.recall_at`) is measured for the selectors
 (oracle top-k, the DASH-KV encoders, random projection) on the block's queries: the share of full
 attention's mass, over keys outside sinks and window, that falls on the keys a selector picks at the
-budget.
+budget (shared in a GQA group as the method's ``share`` says).
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def _recall(method: TieredMethod, recorder: _QueryKeyRecorder, length: int, scal
     encoders = None if cfg.selector == "oracle" else method.encoders
     dense = set(cfg.dense_layers) | set(method.encoders.dense_layers if method.encoders is not None else ())
     positions = torch.arange(length - RECALL_QUERIES, length)
+    share = cfg.share or (encoders.share if encoders is not None else "head")
     values = [
-        recall_at(None if encoders is None else encoders.layers[i], q, k, positions, cfg.high, cfg.sinks, cfg.window, scaling)
+        recall_at(None if encoders is None else encoders.layers[i], q, k, positions, cfg.high, cfg.sinks, cfg.window,
+                  scaling, share)  # fmt: skip
         for i, (q, k) in sorted(recorder.layers.items()) if i in served and i not in dense
     ]
     return sum(values) / len(values)

@@ -90,9 +90,11 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
 def markdown(summary: dict) -> str:
     """The retrieval and fidelity tables as markdown."""
     tasks = summary["tasks"]
-    lines = ["### Retrieval: score (paired)", "",
-             "| method | budget | kept | mid | " + " | ".join(tasks) + " | paired, all tasks |",
-             "|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+    lines = []
+    if tasks:  # none with --tasks none
+        lines = ["### Retrieval: score (paired)", "",
+                 "| method | budget | kept | mid | " + " | ".join(tasks) + " | paired, all tasks |",
+                 "|---|---|---|---|" + "---|" * len(tasks) + "---|"]
     for row in summary["retrieval"]:
         cells = []
         for task in tasks:
@@ -105,7 +107,8 @@ def markdown(summary: dict) -> str:
     lengths = sorted({int(n) for row in summary["fidelity"] for n in row["lengths"]})
     if lengths:
         head = " | ".join(f"KL@{n} | ppl Δ@{n} | recall@{n}" for n in lengths)
-        lines += ["", "### Fidelity: next-token KL vs full, perplexity change vs full, attention-mass recall", "",
+        lines += [""] if lines else []
+        lines += ["### Fidelity: next-token KL vs full, perplexity change vs full, attention-mass recall", "",
                   f"| method | budget | {head} |", "|---|---|" + "---|---|---|" * len(lengths)]
         for row in summary["fidelity"]:
             cells = []
@@ -122,7 +125,8 @@ def markdown(summary: dict) -> str:
 
 def plots(summary: dict, output: Path) -> list[Path]:
     """``score_vs_budget.png`` (paired score per task vs budget, a line per method; budget-less
-    methods dashed) and ``tasks_at_budget.png`` (raw score per task at each budget, bars)."""
+    methods dashed) and ``tasks_at_budget.png`` (raw score per task at each budget, bars), where
+    there are retrieval results (none with ``--tasks none``) and, for the bars, budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,9 +134,11 @@ def plots(summary: dict, output: Path) -> list[Path]:
 
     tasks = summary["tasks"]
     main = [r for r in summary["retrieval"] if not r["method"].startswith("abl:")]
-    methods = [m for m in ORDER if any(r["method"] == m for r in main)]
+    methods = sorted({r["method"] for r in main}, key=lambda m: _row_key(m, None))
     budgets = sorted({r["budget"] for r in main if r["budget"] is not None})
     written = []
+    if not tasks:
+        return written
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in methods:
@@ -155,6 +161,8 @@ def plots(summary: dict, output: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+    if not budgets:  # full attention alone: no budget to draw bars at
+        return written
 
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.4), squeeze=False)
     width = 0.8 / max(1, len(methods))

@@ -11,7 +11,7 @@ import torch
 
 from dashkv.encoders import LayerHashEncoder
 from dashkv.ops.dispatch import get_backend
-from dashkv.ops.reference import budget_counts, expand_kv
+from dashkv.ops.reference import budget_counts, expand_kv, group_distance, union_tiers
 
 
 def eligible_mask(positions: torch.Tensor, length: int, sinks: int, window: int) -> torch.Tensor:
@@ -49,14 +49,16 @@ def recall_at(
     sinks: int,
     window: int,
     scaling: float,
+    share: str = "head",
 ) -> float:
     """Recall of the top ``fraction`` of eligible keys by Hamming distance (``encoder``) or, with
-    ``encoder=None``, by exact ``q.k`` (the oracle).
+    ``encoder=None``, by exact ``q.k`` (the oracle), the hashed selection shared in a GQA group as
+    ``share`` (``DashKVConfig.share``) says.
 
     queries [H, n, D], keys [Hkv, L, D], positions [n].
     """
     probs = teacher_probs(queries, keys, positions, scaling)
-    return recalls_at(encoder, queries, keys, positions, (fraction,), sinks, window, probs)[0]
+    return recalls_at(encoder, queries, keys, positions, (fraction,), sinks, window, probs, share)[0]
 
 
 @torch.no_grad()
@@ -69,10 +71,11 @@ def recalls_at(
     sinks: int,
     window: int,
     probs: torch.Tensor,
+    share: str = "head",
 ) -> list[float]:
     """:func:`recall_at` for several budgets, ranking the keys once; ``probs`` the teacher's
     attention (:func:`teacher_probs` of the same vectors)."""
-    heads, length = queries.shape[0], keys.shape[1]
+    heads, (kv_heads, length) = queries.shape[0], keys.shape[:2]
     eligible = eligible_mask(positions, length, sinks, window).unsqueeze(0)  # [1, n, L]
     if encoder is None:
         scores = torch.where(eligible, probs, torch.full_like(probs, -1.0))
@@ -82,6 +85,8 @@ def recalls_at(
         # the fast backend (exactly equal integers, tested): the reference popcount made the 8K report ~14 min
         ops = get_backend("auto", queries.device)
         dist = ops.hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])
+        if share == "group":  # one selection per KV head, by each key's nearest query head
+            dist = expand_kv(group_distance(dist, kv_heads), heads)
     out = []
     n_eligible = eligible.sum(-1)  # [1, n]
     for fraction in fractions:
@@ -89,6 +94,9 @@ def recalls_at(
         if encoder is None:
             selected = ranks < k.unsqueeze(-1)
         else:
-            selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)[0]
+            selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)
+            if share == "union":  # every head attends to what any head of its group selected
+                selected = union_tiers(selected.to(torch.int8), kv_heads).bool()
+            selected = selected[0]
         out.append(float(mass_recall(probs, selected, eligible.expand(heads, -1, -1))))
     return out

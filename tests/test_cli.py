@@ -26,7 +26,7 @@ def test_generate_rejects_empty_and_double_prompts(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_demo_answers_both_ways_from_one_prefill(default_model, verbose):
-    result = runner.invoke(app, ["demo", "--length", "1000"] + (["--verbose"] if verbose else []))
+    result = runner.invoke(app, ["demo", "--length", "1000", "--dense-below", "0"] + (["--verbose"] if verbose else []))
     assert result.exit_code == 0, result.output
     out = result.output
     assert out.count("shared dense prefill:") == 1
@@ -34,6 +34,14 @@ def test_demo_answers_both_ways_from_one_prefill(default_model, verbose):
     assert "x as fast as full attention" in out
     assert "DASH-KV tiers over the question and answer tokens: high" in out  # the one summary line
     assert ("layer    high" in out) == verbose  # the per-layer table only with --verbose
+
+
+@pytest.mark.slow
+def test_demo_below_dense_below_says_why_no_tiers_ran(default_model):
+    result = runner.invoke(app, ["demo", "--length", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "DASH-KV tiers: none ran: below dense_below=6144 keys" in result.output
+    assert "--dense-below 0" in result.output
 
 
 def _no_model_load(monkeypatch):
@@ -45,7 +53,7 @@ def _no_model_load(monkeypatch):
     monkeypatch.setattr(dashkv, "load_model", fail)
 
 
-@pytest.mark.parametrize("args", [["--length", "50"], ["--new-tokens", "1"]])
+@pytest.mark.parametrize("args", [["--length", "50"], ["--new-tokens", "1"], ["--dense-below", "-1"]])
 def test_demo_rejects_bad_options_before_loading_the_model(monkeypatch, args):
     _no_model_load(monkeypatch)
     result = runner.invoke(app, ["demo"] + args)

@@ -131,8 +131,8 @@ def _encoders(model, given, path: Optional[Path], bits: Optional[int], seed: int
     return encoders, source
 
 
-def _config(encoders, high: float, mid: float, sinks: int, window: int):
-    return _check_config(bits=encoders.bits, high=high, mid=mid, sinks=sinks, window=window)
+def _config(encoders, high: float, mid: float, sinks: int, window: int, **settings):
+    return _check_config(bits=encoders.bits, high=high, mid=mid, sinks=sinks, window=window, **settings)
 
 
 @app.command()
@@ -208,6 +208,9 @@ def demo(
     sinks: int = typer.Option(4),
     window: int = typer.Option(64),
     new_tokens: int = typer.Option(16, help="Answer tokens each method decodes."),
+    dense_below: Optional[int] = typer.Option(
+        None, help=f"Attend exactly below this many keys (default {DashKVConfig.dense_below}; 0: tiers at every length)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer tier table."),
 ) -> None:
     """Hide a pass key in real text, prefill it once, and answer from it with full attention and DASH-KV."""
@@ -220,13 +223,15 @@ def demo(
         _user_error(f"--length {length}: at least {_DEMO_MIN_LENGTH} tokens (the needle and some text)")
     if new_tokens < 2:
         _user_error(f"--new-tokens {new_tokens}: at least 2")
-    _check_config(bits=bits if bits is not None else DashKVConfig.bits, high=high, mid=mid, sinks=sinks, window=window)
+    below = {} if dense_below is None else {"dense_below": dense_below}
+    _check_config(bits=bits if bits is not None else DashKVConfig.bits, high=high, mid=mid, sinks=sinks, window=window,
+                  **below)  # fmt: skip
     given = _load_encoders(encoders)
     start = time.perf_counter()
     lm, tok = _load_model(None)
     typer.echo(f"model: SmolLM2-135M-Instruct, loaded in {time.perf_counter() - start:.1f} s")
     enc, source = _encoders(lm, given, encoders, bits, seed)
-    cfg = _config(enc, high, mid, sinks, window)
+    cfg = _config(enc, high, mid, sinks, window, **below)
     sample = passkey.make_sample(tok, length, seed)
     ids = tok(sample.context, return_tensors="pt").input_ids
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -249,14 +254,17 @@ def demo(
         typer.echo(f"{name:>15}: {answer.text.strip()!r:40} {verdict:8} {answer.ms_per_token:6.1f} ms/token")
     typer.echo(f"\nDASH-KV decodes {full.ms_per_token / hashed.ms_per_token:.2f}x as fast as full attention "
                f"(median of {len(full.step_s)} decode steps each; the question block, which gives the first token, apart)")
-    typer.echo(_tier_line(stats))
+    typer.echo(_tier_line(stats, cfg, ids.shape[1]))
     if verbose:
         typer.echo(stats.table())
 
 
-def _tier_line(stats) -> str:
+def _tier_line(stats, config: DashKVConfig, context: int) -> str:
     """One line: mean tier shares over the tiered layers, or why there are none."""
     summary = stats.summary()
+    if "mean" not in summary and context < config.dense_below:
+        return (f"\nDASH-KV tiers: none ran: below dense_below={config.dense_below} keys a layer attends exactly "
+                "(on a CPU through dashkv's dense kernel); --dense-below 0 runs the tiers at every length")
     if "mean" not in summary:
         return "\nDASH-KV tiers: no tiered attention ran"
     mean, layers = summary["mean"], len(summary) - 1

@@ -234,7 +234,9 @@ def run(
 
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    config = DashKVConfig(bits=bits, high=0.05, mid=0.15, consensus=True, momentum=False)
+    # the default calibration, as a decode step runs it: consensus, and momentum reading one prior and
+    # writing the next layer's
+    config = DashKVConfig(bits=bits, high=0.05, mid=0.15, consensus=True, momentum=True)
     cases = [(shape, seq) for shape in shapes for seq in sizes]
     iterator = progress(cases) if progress is not None else cases
     results = {

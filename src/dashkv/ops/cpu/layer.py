@@ -36,11 +36,13 @@ def _run_step(q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mi
     seq = kv.length
     group = calib.group
     sel_heads = kv.kv_heads if group else heads
-    dist, off = step_scratch(nbatch * sel_heads * tokens, nbatch * tokens, seq, calib.top)
-    out = np.empty((nbatch * heads * tokens, q.shape[1]), np.float32)
+    nrows = nbatch * heads * tokens
+    dist, off, kept_keys, kept_weights = step_scratch(nbatch * sel_heads * tokens, nbatch * tokens, seq, calib.top,
+                                                      nrows if want_weights or prior.want else 0)  # fmt: skip
+    out = np.empty((nrows, q.shape[1]), np.float32)
     counts, prior_np, probs, tiers = step_kernel(
         q, qc, shape, encoder, keyenc, coded, kv, masks, budget, calib, mid, prior, scaling, want_weights,
-        want_weights, dist, off, out, api.CHUNK,
+        want_weights, dist, off, kept_keys, kept_weights, out, api.CHUNK,
     )  # fmt: skip
     output = torch.from_numpy(out).view(nbatch, heads, tokens, -1)
     prior_t = torch.from_numpy(prior_np).view(nbatch, tokens, seq) if prior.want else None

@@ -224,14 +224,16 @@ def weights_kernel(parts, factor, chunk, probs):
 # parallel ones segfaults when loaded from numba's cache (numba issue #8578)
 @njit(**PJIT)
 def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget, calib, mid, prior, scaling,
-                keep_probs, want_tiers_out, dist, off, out, chunk):  # fmt: skip
+                keep_probs, want_tiers_out, dist, off, kept_keys, kept_weights, out, chunk):  # fmt: skip
     """The decode step from the queries on (:func:`dashkv.ops.cpu.layer.dash_attention`).
 
     ``q [B*H*T, D]`` float32 queries of ``shape = (B, H, T)``; ``qc_given [B, H, T, W]`` their hash
     codes, unless ``encoder.on`` (then the step encodes them); ``rows``, ``masks``: the keys and the
     visibility rows (:mod:`dashkv.ops.cpu.views`); the keys from ``coded`` on have no codes yet: the
     step writes them, by ``keyenc``, into ``rows.codes`` and ``rows.norms``. ``budget``, ``calib``,
-    ``mid``, ``prior``: the named tuples above. ``dist``, ``off``: scratch of the right dtypes.
+    ``mid``, ``prior``: the named tuples above. ``dist``, ``off``: scratch of the right dtypes;
+    ``kept_keys`` int32, ``kept_weights`` float32: ``[B*H*T, S]`` scratch where the prior or the weights
+    are wanted (``Partials.keys`` / ``.weights``), else ``[1, 1]``.
     Writes ``out [B*H*T, D]`` float32.
 
     Returns ``(counts [3], prior [B*T, S], probs [B*H*T, S], tiers [rows, S])``; the last three are
@@ -289,13 +291,11 @@ def step_kernel(q, qc_given, shape, encoder, keyenc, coded, rows, masks, budget,
         mid = MidTier(mid.on, mid.center, qnorm, qdc, mid.temperature, mid.bias, mid.tables, mid.phi_sum, mid.cosines,
                       mid.bits)  # fmt: skip
     nchp = max(1, nch)
-    want_probs = keep_probs or prior.want
-    kept = (nrows, seq) if want_probs else (1, 1)
     parts = Partials(
         np.empty((nrows, nchp, 2), np.float32), np.empty((nrows, nchp, 2), np.float64),
         np.empty((nrows, nchp, 2, dim), np.float32), np.empty((nrows, nchp), np.float64),
         np.empty((nrows, nchp), np.int64), np.empty((nrows, nchp), np.int64), np.empty((nrows, nchp), np.int64),
-        np.empty(kept, np.int32), np.empty(kept, np.float32),
+        kept_keys, kept_weights,
     )  # fmt: skip
     tiers = np.empty((srows, seq) if want_tiers_out else (1, 1), np.int8)
     attend_kernel(q, qc, rows, masks, dist, off, calibrated, tiers_at, group, calib.union, mid, scaling, parts,

@@ -151,6 +151,7 @@ _BAD_SETTINGS = [
     (dict(momentum_ratio=0.0), "momentum_ratio"),
     (dict(spatial_discount=float("nan")), "spatial_discount"),
     (dict(spatial_discount=2.0), "spatial_discount"),
+    (dict(spatial_discount=-5000.0), "spatial_discount"),
     (dict(temporal_discount=float("-inf")), "temporal_discount"),
     (dict(dense_layers=3), "dense_layers"),
     (dict(dense_layers="0"), "dense_layers"),

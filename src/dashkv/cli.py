@@ -209,7 +209,7 @@ def demo(
     window: int = typer.Option(64),
     new_tokens: int = typer.Option(16, help="Answer tokens each method decodes."),
     dense_below: Optional[int] = typer.Option(
-        None, help=f"Attend exactly below this many keys (default {DashKVConfig.dense_below}; 0: tiers at every length)."
+        None, help=f"Attend exactly below this many keys (default {DashKVConfig.dense_below}; 0: tiers everywhere)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer tier table."),
 ) -> None:

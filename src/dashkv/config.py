@@ -52,6 +52,11 @@ def check_choice(name: str, value: object, choices: tuple) -> object:
     return value
 
 
+MAX_DISCOUNT = 4096
+"""The largest discount in bits, far past any code length: the CPU step keeps the two discounts' sum
+of each key in int16."""
+
+
 @dataclass(frozen=True)
 class DashKVConfig:
     """Settings of tiered hashed attention (frozen: change one with ``dataclasses.replace``).
@@ -76,7 +81,7 @@ class DashKVConfig:
     vote_fraction : float
         ``T_vote`` as a share of the layer's query heads, in ``(0, 1]``.
     spatial_discount, temporal_discount : float or None
-        Override the encoders' learned discounts (in bits, ``<= 0``); ``None`` uses the learned ones.
+        Override the encoders' learned discounts (in bits, in ``[-MAX_DISCOUNT, 0]``); ``None`` uses the learned ones.
     momentum : bool
         Cross-layer momentum: keys with sustained attention in the previous layers get the temporal
         discount.
@@ -161,8 +166,9 @@ class DashKVConfig:
         for name in ("spatial_discount", "temporal_discount"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value > 0:
-                    _fail(name, value, "a finite number <= 0 (a discount lowers the distance) or None")
+                if (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value > 0
+                        or value < -MAX_DISCOUNT):  # fmt: skip
+                    _fail(name, value, f"a number in [-{MAX_DISCOUNT}, 0] (a discount lowers the distance) or None")
                 store(name, float(value))
         store("momentum_decay", check_real("momentum_decay", self.momentum_decay, 0.0, 1.0, high_open=True))
         ratio = self.momentum_ratio

@@ -114,7 +114,8 @@ def test_plots_draw_every_method_and_none_without_retrieval(tmp_path, monkeypatc
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k["label"]) or plot(ax, *a, **k))
     records = [_record("multikey", 0, "full", None, [True])] + [
-        _record("multikey", 0, m, b, [True], mid_share=0.15) for m in ("dashkv-head", "dashkv-group") for b in (0.02, 0.05)
+        _record("multikey", 0, m, b, [True], mid_share=0.15)
+        for m in ("dashkv-head", "dashkv-group") for b in (0.02, 0.05)
     ]  # fmt: skip
     written = report.plots(report.summarize(records), tmp_path)
     assert [p.name for p in written] == ["score_vs_budget.png", "tasks_at_budget.png"]

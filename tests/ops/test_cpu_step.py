@@ -39,6 +39,8 @@ CONFIGS = {
     "no-consensus": dict(consensus=False),
     "no-mid": dict(mid=0.0),
     "strong-discounts": dict(spatial_discount=-9.0, temporal_discount=-5.0, vote_fraction=0.25),
+    "discounts-past-a-byte": dict(spatial_discount=-100.0, temporal_discount=-100.0, vote_fraction=0.25),
+    "largest-discounts": dict(spatial_discount=-4096.0, temporal_discount=-4096.0),
     "no-calibration": dict(consensus=False, momentum=False),
 }
 

@@ -174,8 +174,9 @@ def dash_attention(
         for the spatial discount; 0 turns consensus off
     spatial_step, temporal_step : int, ``<= 0`` -- the discounts in whole bits of one head's distance
     temporal : Tensor[B, 1, T, S] bool or None -- the momentum mask
-    share : ``"head"``, ``"group"`` (tiers per KV head from each key's distance to the group's nearest head; masks
-        must then be the same for every query head) or ``"union"`` (per-head tiers joined over the group)
+    share : ``"head"``, ``"group"`` (tiers per KV head, by each key's distance to the group's nearest head;
+        masks must then be the same for every query head) or ``"union"`` (per-head tiers joined over the
+        group)
 
     Returns
     -------

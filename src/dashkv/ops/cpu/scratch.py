@@ -29,8 +29,9 @@ def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def step_scratch(rows: int, offset_rows: int, seq: int, top: int, kept_rows: int) -> tuple[np.ndarray, ...]:
     """The fused step's distances ``[rows, S]`` (one byte a key while ``top`` fits), per-key offsets
-    ``[offset_rows, S]`` (int8) and each query row's attended keys and weights ``[kept_rows, S]`` (int32,
-    float32; ``[1, 1]`` where ``kept_rows`` is 0: nothing reads them), uninitialised."""
+    ``[offset_rows, S]`` (int16: two discounts of up to ``MAX_DISCOUNT`` bits) and each query row's
+    attended keys and weights ``[kept_rows, S]`` (int32, float32; ``[1, 1]`` where ``kept_rows`` is 0:
+    nothing reads them), uninitialised."""
     kept = (kept_rows, seq) if kept_rows else (1, 1)
-    return (scratch("dist", (rows, seq), dist_dtype(top)), scratch("off", (offset_rows, seq), np.int8),
+    return (scratch("dist", (rows, seq), dist_dtype(top)), scratch("off", (offset_rows, seq), np.int16),
             scratch("kept_keys", kept, np.int32), scratch("kept_weights", kept, np.float32))  # fmt: skip

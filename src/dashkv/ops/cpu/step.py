@@ -35,8 +35,8 @@ class Calibration(NamedTuple):
     """Cross-head consensus and cross-layer momentum of one step (:mod:`dashkv.calibration`).
 
     ``top``: the largest raw distance (``R``); ``group``: selection per KV head on each key's distance
-    to the nearest of the group's query heads; ``min_votes``: 0 turns consensus off; ``spatial_step`` / ``temporal_step``: the
-    discounts in whole bits (``<= 0``). Momentum marks keys by ``prior * visible keys >=
+    to the nearest of the group's query heads; ``min_votes``: 0 turns consensus off; ``spatial_step`` /
+    ``temporal_step``: the discounts in whole bits (``<= 0``). Momentum marks keys by ``prior * visible keys >=
     momentum_ratio``, or, where ``temporal_given``, by the mask ``temporal [B*T, S]`` uint8. ``union``:
     each head selects alone and every head of a GQA group attends to the union (``share="union"``)."""
 

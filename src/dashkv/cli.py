@@ -262,10 +262,10 @@ def demo(
 def _tier_line(stats, config: DashKVConfig, context: int) -> str:
     """One line: mean tier shares over the tiered layers, or why there are none."""
     summary = stats.summary()
-    if "mean" not in summary and context < config.dense_below:
-        return (f"\nDASH-KV tiers: none ran: below dense_below={config.dense_below} keys a layer attends exactly "
-                "(on a CPU through dashkv's dense kernel); --dense-below 0 runs the tiers at every length")
     if "mean" not in summary:
+        if context < config.dense_below:
+            return (f"\nDASH-KV tiers: none ran: below dense_below={config.dense_below} keys a layer attends "
+                    "exactly (on a CPU through dashkv's dense kernel); --dense-below 0 runs the tiers at every length")
         return "\nDASH-KV tiers: no tiered attention ran"
     mean, layers = summary["mean"], len(summary) - 1
     return (f"\nDASH-KV tiers over the question and answer tokens: high {mean['high']:.1%}, mid {mean['mid']:.1%}, "

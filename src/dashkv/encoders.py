@@ -269,18 +269,18 @@ class HashEncoders(nn.Module):
             )
         if self.fingerprint is None:
             return
-        theirs = model_fingerprint(model)
-        if theirs is None:
+        fingerprint = model_fingerprint(model)
+        if fingerprint is None:
             logger.warning(
                 "the model has no k_proj.weight parameter (a fused or swapped key projection): the encoders' "
                 "fingerprint %s cannot be checked against it", self.fingerprint,
             )  # fmt: skip
-        elif theirs != self.fingerprint:
+        elif fingerprint != self.fingerprint:
             logger.warning(
                 "encoders were trained for another model of the same shape (fingerprint %s, model %s); "
                 "their codes may rank keys poorly",
                 self.fingerprint,
-                theirs,
+                fingerprint,
             )
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -86,7 +86,7 @@ def recalls_at(
         ops = get_backend("auto", queries.device)
         dist = ops.hamming_distance(encoder.encode_query(queries.unsqueeze(0)), encoder.encode_key(keys.unsqueeze(0))[0])
         if share == "group":  # one selection per KV head, by each key's nearest query head
-            dist = expand_kv(group_distance(dist, kv_heads), heads)
+            dist = group_distance(dist, kv_heads)
     out = []
     n_eligible = eligible.sum(-1)  # [1, n]
     for fraction in fractions:
@@ -97,6 +97,6 @@ def recalls_at(
             selected = ops.select_smallest(dist, eligible.unsqueeze(0), k.unsqueeze(0), 0, encoder.bits)
             if share == "union":  # every head attends to what any head of its group selected
                 selected = union_tiers(selected.to(torch.int8), kv_heads).bool()
-            selected = selected[0]
+            selected = expand_kv(selected, heads)[0]  # per group: the KV head's selection for each head
         out.append(float(mass_recall(probs, selected, eligible.expand(heads, -1, -1))))
     return out

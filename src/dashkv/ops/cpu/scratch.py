@@ -11,6 +11,7 @@ from dashkv.ops.cpu.views import dist_dtype
 
 _SCRATCH = threading.local()
 _SCRATCH_LIMIT = 32 * 2**20  # bytes a kept buffer may have
+_NOT_KEPT = (np.empty((1, 1), np.int32), np.empty((1, 1), np.float32))  # nothing reads the attended keys
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -32,6 +33,7 @@ def step_scratch(rows: int, offset_rows: int, seq: int, top: int, kept_rows: int
     ``[offset_rows, S]`` (int16: two discounts of up to ``MAX_DISCOUNT`` bits) and each query row's
     attended keys and weights ``[kept_rows, S]`` (int32, float32; ``[1, 1]`` where ``kept_rows`` is 0:
     nothing reads them), uninitialised."""
-    kept = (kept_rows, seq) if kept_rows else (1, 1)
-    return (scratch("dist", (rows, seq), dist_dtype(top)), scratch("off", (offset_rows, seq), np.int16),
-            scratch("kept_keys", kept, np.int32), scratch("kept_weights", kept, np.float32))  # fmt: skip
+    kept = _NOT_KEPT
+    if kept_rows:
+        kept = scratch("kept_keys", (kept_rows, seq), np.int32), scratch("kept_weights", (kept_rows, seq), np.float32)
+    return scratch("dist", (rows, seq), dist_dtype(top)), scratch("off", (offset_rows, seq), np.int16), *kept
